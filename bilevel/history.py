@@ -1,0 +1,143 @@
+"""Result and History records of outer loops, and tolerance schedules.
+
+Library code never prints: every outer loop returns a :class:`Result` whose :class:`History`
+holds one record per outer iteration. Progress bars and plots read the History.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Union
+
+from torch import Tensor
+
+__all__ = ["History", "Result", "tolerance_schedule", "SCHEDULES"]
+
+
+class History:
+    """Per-outer-iteration records (a list of dicts with the same keys).
+
+    Standard keys: ``iteration``, ``upper_loss``, ``grad_norm``, ``tol``, ``inner_iterations``
+    (max over samples), ``cg_iterations``, ``seconds`` (wall time of that iteration),
+    ``elapsed`` (cumulative seconds), ``cost`` (cumulative inner + CG iterations), ``step_size``,
+    ``accepted``, ``inner_converged``, ``cg_converged`` and ``theta`` (floats per name).
+    Optimisers may add keys (MAID: ``eps``, ``delta``, ``error_bound``).
+    """
+
+    def __init__(self, records: Optional[List[Dict[str, Any]]] = None):
+        self.records: List[Dict[str, Any]] = list(records or [])
+
+    def append(self, **record: Any) -> None:
+        self.records.append(record)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i):
+        return self.records[i]
+
+    def __iter__(self):
+        return iter(self.records)
+
+    def column(self, key: str) -> list:
+        """All values of ``key`` in iteration order (``None`` where a record lacks it)."""
+        if self.records and all(key not in r for r in self.records):
+            raise KeyError(f"no History record has key {key!r}; keys: {sorted(self.records[0])}")
+        return [r.get(key) for r in self.records]
+
+    def as_dict(self) -> Dict[str, list]:
+        """Column-oriented copy, convenient for JSON."""
+        keys: List[str] = []
+        for r in self.records:
+            keys += [k for k in r if k not in keys]
+        return {k: [r.get(k) for r in self.records] for k in keys}
+
+    def plot(self, path: Optional[str] = None, y: str = "upper_loss", x: str = "iteration",
+             ax=None, label: Optional[str] = None, logy: bool = True):
+        """Line plot of column ``y`` against column ``x`` (matplotlib); saved to ``path`` if given."""
+        import matplotlib
+        if path is not None and ax is None:
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        own = ax is None
+        if own:
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(self.column(x), self.column(y), marker=".", label=label)
+        ax.set_xlabel(x.replace("_", " "))
+        ax.set_ylabel(y.replace("_", " "))
+        if logy:
+            ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        if own and path is not None:
+            fig.tight_layout()
+            save_figure(fig, path)
+            plt.close(fig)
+        return ax
+
+
+def save_figure(fig, path: str) -> None:
+    """Write a matplotlib figure atomically (temporary file in the same folder, then rename)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    ext = os.path.splitext(path)[1] or ".png"
+    fd, tmp = tempfile.mkstemp(suffix=ext, dir=folder)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@dataclass
+class Result:
+    """Outcome of an outer loop, after ``scipy.optimize.OptimizeResult``.
+
+    ``theta`` the final hyperparameters, ``x`` the inner solution at ``theta``, ``history`` the
+    per-iteration records, ``success``/``message`` why it stopped, ``n_iter`` outer iterations,
+    ``params`` the outer loss' trainable parameters (if any) by name.
+    """
+
+    theta: Dict[str, Tensor]
+    x: Optional[Tensor]
+    history: History
+    success: bool
+    message: str
+    n_iter: int
+    params: Dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def upper_loss(self) -> float:
+        """Upper loss of the last accepted iterate."""
+        acc = [r for r in self.history if r.get("accepted", True)]
+        return acc[-1]["upper_loss"] if acc else math.nan
+
+
+SCHEDULES = ("geometric", "quadratic", "cubic", "constant")
+
+
+def tolerance_schedule(kind: Union[str, Callable[[int], float]], tol0: float = 1e-2,
+                       rate: float = 0.9, tol_min: float = 0.0) -> Callable[[int], float]:
+    """Inner/CG tolerance ``ε_k`` for outer iteration ``k = 0, 1, ...``.
+
+    ``geometric``: ``ε₀ rᵏ``; ``quadratic``: ``ε₀/(k+1)²``; ``cubic``: ``ε₀/(k+1)³``;
+    ``constant``: ``ε₀``; or any callable ``k ↦ ε_k``. Values are floored at ``tol_min``.
+    """
+    if callable(kind):
+        return lambda k: max(float(kind(k)), tol_min)
+    if kind not in SCHEDULES:
+        raise ValueError(f"tolerance schedule must be one of {SCHEDULES} or a callable, got {kind!r}")
+    if not (tol0 > 0 and math.isfinite(tol0)):
+        raise ValueError(f"tol0 must be a finite positive number, got {tol0!r}")
+    if kind == "geometric" and not (0 < rate <= 1):
+        raise ValueError(f"rate must lie in (0, 1] for a geometric schedule, got {rate!r}")
+    f = {
+        "geometric": lambda k: tol0 * rate ** k,
+        "quadratic": lambda k: tol0 / (k + 1) ** 2,
+        "cubic": lambda k: tol0 / (k + 1) ** 3,
+        "constant": lambda k: tol0,
+    }[kind]
+    return lambda k: max(f(k), tol_min)

@@ -1,0 +1,188 @@
+"""HOAG: hyperparameter optimisation with approximate gradient (Pedregosa, ICML 2016).
+
+Outer iteration ``k`` (Figure 2.1 of the reference):
+
+1. solve the inner problem to ``‖∇ₓΦ_b‖ ≤ ε_k`` per sample, warm-started from the last ``x``;
+2. compute the hypergradient ``g_k`` with CG to residual ``ε_k``, warm-started from the last ``q``;
+3. adaptive step ``θ_{k+1} = Π(θ_k − g_k / L_k)`` (``Π`` the projection onto the bounds), where
+   the Lipschitz estimate ``L_k`` is adapted from the observed upper loss:
+
+   * **accept, grow the step** if ``ℓ_k ≤ ℓ_{k−1} + C ε_k + ε_{k−1}(C + 1/L)‖g_{k−1}‖ − ‖g_{k−1}‖²/(2L)``
+     (an inexact sufficient-decrease test; ``L ← L / grow``);
+   * **reject** if ``ℓ_k > ℓ_{k−1} + reject_ratio·|ℓ_{k−1}|``: return to ``θ_{k−1}``,
+     ``L ← 2L`` and halve all later tolerances;
+   * otherwise **accept, shrink the step** (``L ← shrink·L``).
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Any, Callable, Dict, Optional, Union
+
+import torch
+from torch import Tensor
+
+from .history import History, Result, tolerance_schedule
+from .hypergrad import ImplicitCG
+from .problem import (Bounds, HypergradientEstimator, InnerProblem, OuterLoss, Theta,
+                      check_theta, check_tolerance, project)
+from .solvers import solve_inner
+
+__all__ = ["HOAG"]
+
+
+def _theta_floats(theta: Theta) -> Dict[str, Any]:
+    return {k: (float(v) if v.numel() == 1 else v.detach().cpu().tolist()) for k, v in theta.items()}
+
+
+class HOAG:
+    """HOAG outer loop.
+
+    Parameters
+    ----------
+    inner, outer: the lower-level problem and upper loss.
+    estimator: hypergradient estimator (default :class:`~bilevel.ImplicitCG`).
+    tolerance: ``"geometric"``, ``"quadratic"``, ``"cubic"``, ``"constant"`` or ``k ↦ ε_k``.
+    tol0, tol_rate, tol_min: schedule parameters (see :func:`bilevel.history.tolerance_schedule`).
+    max_iter: number of outer iterations.
+    step_size: initial step ``1/L₀``; ``None`` uses ``1/‖g₀‖`` (first move of length 1).
+    bounds: :class:`~bilevel.Bounds` on θ (projected after each step).
+    inner_method, inner_max_iter: generic inner solver and its cap when the problem has no own.
+    param_optimizer: a ``torch.optim`` optimiser over ``outer.trainable_parameters()``; when
+        given, those parameters (fine-tuned task layers) take a step with ``∇_φℓ`` after every
+        accepted outer iteration.
+    slack: the constant ``C`` of the acceptance test.
+    gtol: stop with success when ``‖g_k‖ ≤ gtol``.
+    callback: called as ``callback(record, theta)`` after every iteration; returning ``True`` stops.
+    progress: show a tqdm progress bar with the upper loss.
+    """
+
+    def __init__(self, inner: InnerProblem, outer: OuterLoss,
+                 estimator: Optional[HypergradientEstimator] = None,
+                 tolerance: Union[str, Callable[[int], float]] = "geometric", tol0: float = 1e-2,
+                 tol_rate: float = 0.9, tol_min: float = 1e-12, max_iter: int = 30,
+                 step_size: Optional[float] = None, bounds: Optional[Bounds] = None,
+                 inner_method: str = "newton-cg", inner_max_iter: Optional[int] = None,
+                 param_optimizer: Optional[torch.optim.Optimizer] = None, slack: float = 1.0,
+                 grow: float = 1.1, shrink: float = 1.5, reject_ratio: float = 0.2,
+                 gtol: float = 0.0, callback: Optional[Callable] = None, progress: bool = False):
+        if not isinstance(inner, InnerProblem):
+            raise TypeError(f"inner must be an InnerProblem, got {type(inner).__name__}")
+        if not callable(outer):
+            raise TypeError(f"outer must be callable (an OuterLoss), got {type(outer).__name__}")
+        if not isinstance(max_iter, int) or max_iter < 1:
+            raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+        if step_size is not None:
+            check_tolerance("step_size", step_size)
+        self.inner, self.outer = inner, outer
+        self.estimator = estimator if estimator is not None else ImplicitCG()
+        self.schedule = tolerance_schedule(tolerance, tol0, tol_rate, tol_min)
+        self.tolerance = tolerance
+        self.max_iter, self.step_size, self.bounds = max_iter, step_size, bounds
+        self.inner_method, self.inner_max_iter = inner_method, inner_max_iter
+        self.param_optimizer = param_optimizer
+        self.slack = check_tolerance("slack", slack, allow_zero=True)
+        self.grow, self.shrink, self.reject_ratio = grow, shrink, reject_ratio
+        self.gtol = check_tolerance("gtol", gtol, allow_zero=True)
+        self.callback, self.progress = callback, progress
+
+    # ------------------------------------------------------------------------------------------
+    def _apply_param_grads(self, grads: Dict[str, Tensor]) -> None:
+        if self.param_optimizer is None or not grads:
+            return
+        params = self.outer.trainable_parameters()
+        for name, g in grads.items():
+            params[name].grad = g.detach().clone()
+        self.param_optimizer.step()
+        self.param_optimizer.zero_grad(set_to_none=True)
+
+    def run(self, theta0: Theta, batch: Any, x0: Optional[Tensor] = None) -> Result:
+        """Run HOAG from ``theta0`` on ``batch`` (``x0``: optional warm start of the inner solve)."""
+        theta = check_theta(theta0, self.inner.theta_names)
+        if self.bounds is not None:
+            self.bounds.check_names(theta)
+        theta = project(theta, self.bounds)
+        self.estimator.reset()
+        history = History()
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=self.max_iter, desc="HOAG", unit="it")
+        x = x0
+        L = None if self.step_size is None else 1.0 / self.step_size
+        tol_scale = 1.0
+        prev = None  # (theta, loss, grad, eps) of the last accepted iterate
+        elapsed, cost = 0.0, 0
+        warned_inner = warned_cg = False
+        success, message = False, "maximum number of outer iterations reached"
+        k = 0
+        for k in range(self.max_iter):
+            t0 = time.perf_counter()
+            eps = max(self.schedule(k) * tol_scale, 1e-300)
+            sol = solve_inner(self.inner, theta, batch, eps, x0=x, method=self.inner_method,
+                              max_iter=self.inner_max_iter)
+            x = sol.x
+            hg = self.estimator(self.inner, self.outer, theta, batch, x, eps)
+            gnorm = hg.norm()
+            if not math.isfinite(hg.loss) or not math.isfinite(gnorm):
+                message = f"non-finite upper loss {hg.loss} or hypergradient norm {gnorm} at iteration {k}"
+                break
+            if not sol.all_converged and not warned_inner:
+                warnings.warn(f"HOAG iteration {k}: inner solve hit its iteration cap before "
+                              f"tolerance {eps:.2e} (max ‖∇Φ‖ = {float(sol.grad_norm.max()):.2e}); "
+                              f"flagged in History as inner_converged=False", RuntimeWarning)
+                warned_inner = True
+            if not hg.cg_converged and not warned_cg:
+                warnings.warn(f"HOAG iteration {k}: CG hit its iteration cap before tolerance "
+                              f"{eps:.2e}; flagged in History as cg_converged=False", RuntimeWarning)
+                warned_cg = True
+            if L is None:
+                L = max(gnorm, 1e-12)
+            accepted = True
+            if prev is not None:
+                th_old, f_old, g_old, eps_old = prev
+                gn_old = math.sqrt(sum(float((g ** 2).sum()) for g in g_old.values()))
+                bound = (f_old + self.slack * eps + eps_old * (self.slack + 1.0 / L) * gn_old
+                         - gn_old ** 2 / (2 * L))
+                if hg.loss <= bound:
+                    L /= self.grow
+                elif hg.loss > f_old + self.reject_ratio * abs(f_old):
+                    accepted = False
+                    L *= 2.0
+                    tol_scale *= 0.5
+                else:
+                    L *= self.shrink
+            step = 1.0 / L
+            iter_cost = sol.max_iterations + hg.cg_iterations + hg.extra_inner_steps
+            cost += iter_cost
+            elapsed += time.perf_counter() - t0
+            record = dict(iteration=k, upper_loss=hg.loss, grad_norm=gnorm, tol=eps,
+                          inner_iterations=sol.max_iterations, cg_iterations=hg.cg_iterations,
+                          seconds=time.perf_counter() - t0, elapsed=elapsed, cost=cost,
+                          step_size=step, accepted=accepted, inner_converged=sol.all_converged,
+                          cg_converged=hg.cg_converged, theta=_theta_floats(theta))
+            history.append(**record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{hg.loss:.4g}", tol=f"{eps:.1e}", step=f"{step:.2g}")
+                bar.update(1)
+            if accepted:
+                self._apply_param_grads(hg.param_grads)
+                prev = (theta, hg.loss, hg.theta_grad, eps)
+                x_accepted = x
+                if gnorm <= self.gtol:
+                    success, message = True, f"hypergradient norm {gnorm:.3e} ≤ gtol {self.gtol:.1e}"
+                    break
+            th_base, g_base = prev[0], prev[2]
+            if self.callback is not None and self.callback(record, theta):
+                message = "stopped by callback"
+                break
+            theta = project({n: th_base[n] - step * g_base[n] for n in th_base}, self.bounds)
+        if bar is not None:
+            bar.close()
+        final_theta, final_x = (prev[0], x_accepted) if prev is not None else (theta, x)
+        return Result(theta={k_: v.detach().clone() for k_, v in final_theta.items()}, x=final_x,
+                      history=history, success=success, message=message, n_iter=len(history),
+                      params={n: p.detach().clone() for n, p in
+                              (self.outer.trainable_parameters().items()
+                               if hasattr(self.outer, "trainable_parameters") else [])})

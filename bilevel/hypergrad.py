@@ -1,0 +1,163 @@
+"""Hypergradient estimators.
+
+For ``ℓ(θ) = ℓ(x̂(θ), θ)`` with ``∇ₓΦ(x̂(θ); θ) = 0`` the implicit function theorem gives
+
+.. math::
+
+    \\nabla\\ell(\\theta) = \\nabla_\\theta\\ell - (\\nabla^2_{x\\theta}\\Phi)^\\top q,\\qquad
+    \\nabla^2_{xx}\\Phi\\, q = \\nabla_x\\ell ,
+
+(:class:`ImplicitCG`), while :class:`Unrolled` differentiates ``K`` explicit gradient steps
+``x_{k+1} = x_k − α∇ₓΦ(x_k; θ)`` by backpropagation.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .linalg import HessianOperator, batch_norm, batched_cg
+from .problem import (Hypergradient, HypergradientEstimator, InnerProblem, OuterLoss, Theta,
+                      check_tolerance)
+
+__all__ = ["ImplicitCG", "Unrolled", "outer_gradients"]
+
+
+def outer_gradients(outer: OuterLoss, x: Tensor, theta: Theta, batch: Any,
+                    create_graph: bool = False) -> Tuple[Tensor, Tensor, Theta, Dict[str, Tensor]]:
+    """Partial derivatives of the upper loss at ``(x, θ)``.
+
+    Returns ``(ℓ, ∇ₓℓ, ∇_θℓ, ∇_φℓ)`` where ``φ`` are the outer loss' trainable parameters.
+    Names of θ that ``ℓ`` does not use get zero gradients.
+    """
+    params = outer.trainable_parameters() if hasattr(outer, "trainable_parameters") else {}
+    with torch.enable_grad():
+        xr = x.detach().requires_grad_(True)
+        th = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
+        loss = outer(xr, th, batch)
+        if loss.dim() != 0:
+            raise ValueError(f"outer loss must return a scalar, got shape {tuple(loss.shape)}")
+        names = list(th)
+        inputs = [xr] + [th[k] for k in names] + list(params.values())
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True, create_graph=create_graph)
+    gx = torch.zeros_like(xr) if grads[0] is None else grads[0]
+    gth = {k: (torch.zeros_like(th[k]) if g is None else g)
+           for k, g in zip(names, grads[1:1 + len(names)])}
+    gp = {n: (torch.zeros_like(p) if g is None else g)
+          for (n, p), g in zip(params.items(), grads[1 + len(names):])}
+    return loss.detach(), gx, gth, gp
+
+
+class ImplicitCG(HypergradientEstimator):
+    """Implicit-differentiation hypergradient with batched conjugate gradient (HOAG's step).
+
+    Solves ``∇²ₓₓΦ q = ∇ₓℓ`` per sample until ``‖∇²ₓₓΦ_b q_b − (∇ₓℓ)_b‖₂ ≤ max(tol, rtol‖(∇ₓℓ)_b‖)``
+    (``tol`` is the per-sample absolute residual; for a batch-level residual ``ε`` pass
+    ``ε/√B``), then returns ``∇_θℓ − (∇²_{xθ}Φ)ᵀq``.
+
+    Parameters
+    ----------
+    max_iter: CG iteration cap (hitting it is reported as ``cg_converged=False``).
+    rtol: relative residual tolerance (0: absolute only).
+    warm_start: start CG from the previous call's ``q`` (when the shapes match).
+    hessian: ``"auto"`` (closed-form products of the problem when it has them, else autograd
+        double backward on a gradient graph built once), ``"autograd"`` or ``"closed"``.
+
+    Non-positive curvature met by CG raises :class:`bilevel.linalg.NonPositiveCurvatureError`.
+    """
+
+    def __init__(self, max_iter: int = 200, rtol: float = 0.0, warm_start: bool = True,
+                 hessian: str = "auto"):
+        if not isinstance(max_iter, int) or max_iter < 1:
+            raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+        self.max_iter = max_iter
+        self.rtol = check_tolerance("rtol", rtol, allow_zero=True)
+        self.warm_start = warm_start
+        self.hessian = hessian
+        self._q: Optional[Tensor] = None
+
+    def reset(self) -> None:
+        self._q = None
+
+    def __call__(self, inner: InnerProblem, outer: OuterLoss, theta: Theta, batch: Any,
+                 x: Tensor, tol: float) -> Hypergradient:
+        tol = check_tolerance("tol", tol)
+        inner.check(x, theta, batch)
+        loss, gx, gth, gp = outer_gradients(outer, x, theta, batch)
+        H = HessianOperator(inner, x, theta, batch, mode=self.hessian)
+        q0 = self._q if (self.warm_start and self._q is not None and self._q.shape == gx.shape
+                         and self._q.dtype == gx.dtype) else None
+        cg = batched_cg(H.hvp, gx, x0=q0, tol=tol, rtol=self.rtol, max_iter=self.max_iter)
+        self._q = cg.x.detach()
+        mixed = H.mixed_vjp(cg.x)
+        grad = {k: gth[k] - mixed[k] for k in gth}
+        return Hypergradient(loss=float(loss), theta_grad=grad, param_grads=gp,
+                             cg_iterations=cg.max_iterations, cg_converged=cg.all_converged,
+                             info={"cg_residual": cg.residual.detach(), "hvp_count": H.n_hvp,
+                                   "cg_iterations_per_sample": cg.iterations})
+
+
+class Unrolled(HypergradientEstimator):
+    """Backpropagation through ``K`` differentiable gradient steps of the inner problem.
+
+    ``x_{k+1} = x_k − α ∇ₓΦ(x_k; θ)``, ``k = 0..K−1``, from ``x_0`` = the given point
+    (``start="warm"``, detached) or the problem's initial point (``start="init"``); the
+    hypergradient is the exact gradient of ``θ ↦ ℓ(x_K(θ), θ)``. ``α`` is ``step_size`` or
+    ``1/L`` with ``L = inner.lipschitz(θ, batch)`` (treated as a constant, not differentiated).
+
+    Memory grows linearly with ``K``: every step keeps its double-backward graph (for a
+    ``B×C×H×W`` batch about ``K`` times a few copies of the image batch).
+    With ``K = 0`` it is plain backprop of ``ℓ(x_0(θ), θ)`` -- the joint-loss case where
+    ``x_0`` is an explicit network of θ.
+    """
+
+    def __init__(self, n_steps: int = 20, step_size: Optional[float] = None, start: str = "warm"):
+        if not isinstance(n_steps, int) or n_steps < 0:
+            raise ValueError(f"n_steps must be a non-negative int, got {n_steps!r}")
+        if start not in ("warm", "init"):
+            raise ValueError(f"start must be 'warm' or 'init', got {start!r}")
+        if step_size is not None:
+            check_tolerance("step_size", step_size)
+        self.n_steps, self.step_size, self.start = n_steps, step_size, start
+
+    def _alpha(self, inner: InnerProblem, theta: Theta, batch: Any) -> float:
+        if self.step_size is not None:
+            return float(self.step_size)
+        lip = getattr(inner, "lipschitz", None)
+        if lip is None:
+            raise ValueError(f"Unrolled needs step_size, or an inner problem with a lipschitz(θ, "
+                             f"batch) method; {type(inner).__name__} has none")
+        with torch.no_grad():
+            L = lip({k: v.detach() for k, v in theta.items()}, batch)
+        return 1.0 / float(torch.as_tensor(L).max())
+
+    def unroll(self, inner: InnerProblem, theta: Theta, batch: Any, x0: Tensor,
+               create_graph: bool = True) -> Tensor:
+        """The ``K``-step map ``x_K(θ)`` (differentiable in θ when θ requires grad)."""
+        alpha = self._alpha(inner, theta, batch)
+        with torch.enable_grad():
+            xk = x0.detach().clone().requires_grad_(True)
+            for _ in range(self.n_steps):
+                (g,) = torch.autograd.grad(inner.objective(xk, theta, batch).sum(), xk,
+                                           create_graph=create_graph)
+                xk = xk - alpha * g
+        return xk
+
+    def __call__(self, inner: InnerProblem, outer: OuterLoss, theta: Theta, batch: Any,
+                 x: Tensor, tol: float = 0.0) -> Hypergradient:
+        inner.check(x, theta, batch)
+        params = outer.trainable_parameters() if hasattr(outer, "trainable_parameters") else {}
+        th = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
+        x0 = x if self.start == "warm" else inner.init(th, batch)
+        with torch.enable_grad():
+            xk = self.unroll(inner, th, batch, x0)
+            loss = outer(xk, th, batch)
+            names = list(th)
+            grads = torch.autograd.grad(loss, [th[k] for k in names] + list(params.values()),
+                                        allow_unused=True)
+        gth = {k: (torch.zeros_like(th[k]) if g is None else g) for k, g in zip(names, grads)}
+        gp = {n: (torch.zeros_like(p) if g is None else g)
+              for (n, p), g in zip(params.items(), grads[len(names):])}
+        return Hypergradient(loss=float(loss.detach()), theta_grad=gth, param_grads=gp,
+                             extra_inner_steps=self.n_steps, info={"x": xk.detach()})

@@ -1,0 +1,306 @@
+"""Abstract interfaces of a bilevel problem.
+
+The bilevel problem is
+
+.. math::
+
+    \\min_\\theta \\; \\ell(\\theta) = \\ell(\\hat x(\\theta), \\theta; \\text{batch}),\\qquad
+    \\hat x_b(\\theta) = \\arg\\min_{x_b} \\Phi_b(x_b; \\theta) \\quad (b = 1..B).
+
+* ``θ`` is a dict of named tensors (``{"log_weight": t, ...}``); :class:`Bounds` live beside it.
+* The inner objective is *per sample*: :meth:`InnerProblem.objective` returns shape ``(B,)`` and
+  sample ``b`` depends on ``x[b]`` only, so the Hessian ``∇²ₓₓΣ_bΦ_b`` is block diagonal and
+  solvers / CG stop per sample.
+* The outer loss returns a scalar (usually a mean over the batch) and may own trainable
+  parameters (an ``nn.Module``), e.g. the layers of a task network that are fine-tuned.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+Theta = Dict[str, Tensor]
+
+__all__ = [
+    "Theta",
+    "Bounds",
+    "InnerProblem",
+    "OuterLoss",
+    "TaskOperator",
+    "HypergradientEstimator",
+    "Hypergradient",
+    "check_theta",
+    "check_tolerance",
+    "check_finite",
+    "project",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# validation helpers (errors name the argument and the value seen)
+# ---------------------------------------------------------------------------------------------
+def check_tolerance(name: str, value: float, allow_zero: bool = False) -> float:
+    """Return ``float(value)`` or raise ``ValueError`` if it is negative / non-finite."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {value!r}") from None
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+    return v
+
+
+def check_finite(name: str, t: Tensor) -> Tensor:
+    """Raise ``ValueError`` naming ``name`` if ``t`` holds NaN or ±inf."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{name} holds {bad} non-finite value(s) (NaN or inf), shape {tuple(t.shape)}")
+    return t
+
+
+def check_theta(theta: Mapping[str, Tensor], expected: Optional[Tuple[str, ...]] = None) -> Theta:
+    """Validate a hyperparameter dict: tensor values, finite, known names.
+
+    Raises ``TypeError`` for a non-dict / non-tensor value and ``ValueError`` for unknown or
+    missing names and non-finite values.
+    """
+    if not isinstance(theta, Mapping):
+        raise TypeError(f"theta must be a dict of named tensors, got {type(theta).__name__}")
+    if expected is not None:
+        unknown = sorted(set(theta) - set(expected))
+        missing = sorted(set(expected) - set(theta))
+        if unknown:
+            raise ValueError(f"theta has unknown name(s) {unknown}; expected {sorted(expected)}")
+        if missing:
+            raise ValueError(f"theta is missing name(s) {missing}; expected {sorted(expected)}")
+    for k, v in theta.items():
+        if not isinstance(v, Tensor):
+            raise TypeError(f"theta[{k!r}] must be a torch.Tensor, got {type(v).__name__}")
+        check_finite(f"theta[{k!r}]", v)
+    return dict(theta)
+
+
+@dataclass
+class Bounds:
+    """Box constraints ``lower[k] ≤ θ[k] ≤ upper[k]`` for the named hyperparameters.
+
+    Names that are absent are unbounded. Projection is the elementwise clamp.
+    """
+
+    lower: Dict[str, float] = field(default_factory=dict)
+    upper: Dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for k in set(self.lower) & set(self.upper):
+            if self.lower[k] > self.upper[k]:
+                raise ValueError(
+                    f"Bounds for {k!r}: lower={self.lower[k]} exceeds upper={self.upper[k]}")
+
+    def check_names(self, theta: Mapping[str, Tensor]) -> None:
+        unknown = sorted((set(self.lower) | set(self.upper)) - set(theta))
+        if unknown:
+            raise ValueError(f"bounds name(s) {unknown} not in theta {sorted(theta)}")
+
+
+def project(theta: Mapping[str, Tensor], bounds: Optional[Bounds]) -> Theta:
+    """Euclidean projection of ``theta`` onto the box ``bounds`` (identity when ``None``)."""
+    if bounds is None:
+        return {k: v.detach().clone() for k, v in theta.items()}
+    out = {}
+    for k, v in theta.items():
+        lo = bounds.lower.get(k)
+        hi = bounds.upper.get(k)
+        out[k] = v.detach().clamp(min=lo, max=hi) if (lo is not None or hi is not None) else v.detach().clone()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# inner problem
+# ---------------------------------------------------------------------------------------------
+class InnerProblem(ABC):
+    """Lower-level problem ``x̂_b(θ) = argmin_x Φ_b(x; θ)``, one independent problem per sample.
+
+    Subclasses implement :meth:`objective` and :meth:`init`. They may also supply
+
+    * :attr:`strong_convexity` -- a constant ``μ > 0`` with ``∇²ₓₓΦ_b ⪰ μ I`` (used by MAID's
+      error bounds), ``None`` when unknown;
+    * :meth:`grad` -- ``∇ₓΦ`` in closed form;
+    * :meth:`hvp` and :meth:`mixed_vjp` -- closed-form Hessian-vector and mixed products;
+    * :meth:`solve` -- an own inner solver.
+
+    The defaults use autograd. ``batch`` is whatever the problem needs (usually a dict of tensors
+    such as ``{"y": noisy}``); solvers pass it through untouched.
+    """
+
+    #: names of the hyperparameters the problem expects in θ (``None``: not checked)
+    theta_names: Optional[Tuple[str, ...]] = None
+    #: strong-convexity constant μ of every Φ_b in x (``None`` if unknown)
+    strong_convexity: Optional[float] = None
+
+    @abstractmethod
+    def objective(self, x: Tensor, theta: Theta, batch: Any) -> Tensor:
+        """Per-sample objective ``Φ_b(x_b; θ)``, a tensor of shape ``(B,)``."""
+
+    @abstractmethod
+    def init(self, theta: Theta, batch: Any) -> Tensor:
+        """Initial point ``x⁰`` (shape ``(B, ...)``) for the inner solver."""
+
+    def strong_convexity_constant(self, theta: Theta, batch: Any) -> Optional[float]:
+        """``μ`` with ``∇²ₓₓΦ_b ⪰ μI`` for the given θ and batch (default :attr:`strong_convexity`)."""
+        return self.strong_convexity
+
+    # ----- derivatives (autograd defaults) -----------------------------------------------------
+    def grad(self, x: Tensor, theta: Theta, batch: Any) -> Tensor:
+        """``∇ₓ Σ_b Φ_b(x_b; θ)`` (equal to the per-sample gradients stacked). No graph kept."""
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            th = {k: v.detach() for k, v in theta.items()}
+            (g,) = torch.autograd.grad(self.objective(xg, th, batch).sum(), xg)
+        return g
+
+    def hvp(self, x: Tensor, theta: Theta, batch: Any, v: Tensor) -> Optional[Tensor]:
+        """Closed-form ``∇²ₓₓΦ · v`` (per sample). Return ``None`` to use autograd."""
+        return None
+
+    def mixed_vjp(self, x: Tensor, theta: Theta, batch: Any, q: Tensor) -> Optional[Theta]:
+        """Closed-form ``(∇²_{xθ} Σ_bΦ_b)ᵀ q = ∇_θ ⟨∇ₓΣ_bΦ_b, q⟩``. ``None`` to use autograd."""
+        return None
+
+    def has_closed_form_products(self) -> bool:
+        """True when the subclass overrides both :meth:`hvp` and :meth:`mixed_vjp`."""
+        cls = type(self)
+        return cls.hvp is not InnerProblem.hvp and cls.mixed_vjp is not InnerProblem.mixed_vjp
+
+    def solve(self, theta: Theta, batch: Any, tol: float, x0: Optional[Tensor] = None,
+              max_iter: int = 100):
+        """Own inner solver. Return a :class:`bilevel.solvers.SolveResult` or ``None`` to let the
+        caller use a generic solver from :mod:`bilevel.solvers`."""
+        return None
+
+    def check(self, x: Tensor, theta: Theta, batch: Any) -> None:
+        """Validate inputs; raise ``ValueError`` naming the argument. Subclasses extend this."""
+        check_theta(theta, self.theta_names)
+        check_finite("x", x)
+
+
+# ---------------------------------------------------------------------------------------------
+# outer loss and task operator
+# ---------------------------------------------------------------------------------------------
+class OuterLoss(nn.Module, ABC):
+    """Upper-level loss ``ℓ(x, θ, batch)``, returning a scalar.
+
+    An ``OuterLoss`` is an ``nn.Module``: any trainable parameter it holds (for example the
+    fine-tuned layers of a :class:`TaskOperator`) receives its gradient ``∇_φ ℓ`` with the
+    hypergradient. The inner solution does not depend on those parameters, so that gradient is
+    the plain partial derivative.
+    """
+
+    @abstractmethod
+    def forward(self, x: Tensor, theta: Theta, batch: Any) -> Tensor:  # pragma: no cover
+        ...
+
+    def trainable_parameters(self) -> Dict[str, nn.Parameter]:
+        """Named parameters with ``requires_grad`` (those an outer optimizer updates)."""
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+
+class TaskOperator(nn.Module):
+    """A task network ``T`` (segmenter, classifier) with an explicit frozen / fine-tuned split.
+
+    ``finetune`` is a list of parameter-name prefixes (e.g. ``["up3", "outc"]``) whose parameters
+    stay trainable; every other parameter is frozen (``requires_grad = False``). With
+    ``finetune=None`` all are frozen (a fixed, pretrained ``T*``). The wrapped network is put in
+    eval mode by default so batch-norm statistics do not drift during bilevel learning.
+    """
+
+    def __init__(self, network: nn.Module, finetune: Optional[list] = None, eval_mode: bool = True):
+        super().__init__()
+        if not isinstance(network, nn.Module):
+            raise TypeError(f"network must be an nn.Module, got {type(network).__name__}")
+        self.network = network
+        names = [n for n, _ in network.named_parameters()]
+        self.finetune = list(finetune or [])
+        for prefix in self.finetune:
+            if not any(n == prefix or n.startswith(prefix + ".") for n in names):
+                raise ValueError(
+                    f"finetune prefix {prefix!r} matches no parameter of {type(network).__name__}; "
+                    f"first names: {names[:8]}")
+        for n, p in network.named_parameters():
+            p.requires_grad_(any(n == pre or n.startswith(pre + ".") for pre in self.finetune))
+        self._eval_mode = eval_mode
+        if eval_mode:
+            self.network.eval()
+
+    def train(self, mode: bool = True):  # keep a frozen network in eval mode
+        super().train(mode)
+        if self._eval_mode:
+            self.network.eval()
+        return self
+
+    @property
+    def frozen_names(self):
+        return [n for n, p in self.network.named_parameters() if not p.requires_grad]
+
+    @property
+    def trainable_names(self):
+        return [n for n, p in self.network.named_parameters() if p.requires_grad]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.network(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# hypergradient estimator
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Hypergradient:
+    """One hypergradient and what it cost.
+
+    Attributes
+    ----------
+    loss: upper loss ``ℓ(x, θ)`` at the point used (float).
+    theta_grad: ``∇ℓ(θ)`` per name.
+    param_grads: ``∇_φ ℓ`` for the trainable parameters of the outer loss (by name).
+    cg_iterations: CG iterations (max over samples) -- 0 for estimators without CG.
+    cg_converged: whether every sample's CG met its tolerance.
+    extra_inner_steps: differentiable inner steps taken by the estimator (``Unrolled``).
+    error_bound: an a-posteriori bound on ``‖g − ∇ℓ(θ)‖`` when the estimator supplies one.
+    """
+
+    loss: float
+    theta_grad: Theta
+    param_grads: Dict[str, Tensor] = field(default_factory=dict)
+    cg_iterations: int = 0
+    cg_converged: bool = True
+    extra_inner_steps: int = 0
+    error_bound: Optional[float] = None
+    info: Dict[str, Any] = field(default_factory=dict)
+
+    def norm(self) -> float:
+        """Euclidean norm of the θ-part of the hypergradient."""
+        sq = sum(float((g.double() ** 2).sum()) for g in self.theta_grad.values())
+        return math.sqrt(sq)
+
+
+class HypergradientEstimator(ABC):
+    """Map ``(inner, outer, θ, batch, x) ↦`` :class:`Hypergradient`.
+
+    ``x`` is the approximate inner solution the outer loop has; ``tol`` is the accuracy the
+    estimator should reach in its own linear solves. Estimators may keep state between calls
+    (e.g. CG's warm start) in ``self``; :meth:`reset` clears it.
+    """
+
+    @abstractmethod
+    def __call__(self, inner: InnerProblem, outer: OuterLoss, theta: Theta, batch: Any,
+                 x: Tensor, tol: float) -> Hypergradient:  # pragma: no cover
+        ...
+
+    def reset(self) -> None:
+        """Forget warm-start state."""

@@ -1,0 +1,13 @@
+"""Imaging on top of :mod:`bilevel`: CT physics, regularizers, variational problems, unrolled
+networks, task losses, metrics and data sets. Submodules load on first use."""
+import importlib
+
+__all__ = ["operators", "data", "metrics", "models", "regularizers", "problems", "losses",
+           "train", "joint"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in __all__:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

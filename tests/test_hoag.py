@@ -1,0 +1,132 @@
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from bilevel import HOAG, Bounds, ImplicitCG, OuterLoss, TaskOperator, Unrolled
+from bilevel.history import tolerance_schedule
+from recon.losses import MSEToTarget
+from recon.problems import TVDenoising
+
+from bilevel_problems import ScaledTargetOuter, ShrinkageInner
+
+DT = torch.float64
+
+
+def _shrinkage_batch(c=0.6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(4, 1, 8, 8, generator=g, dtype=DT)
+    return {"y": y, "target": c * y}
+
+
+@pytest.mark.parametrize("schedule", ["geometric", "quadratic", "cubic", "constant"])
+def test_hoag_reaches_known_optimum(schedule):
+    c = 0.6
+    opt = math.log(1 / c - 1)  # x̂ = y/(1+e^θ) = c·y
+    hoag = HOAG(ShrinkageInner(), ScaledTargetOuter(), tolerance=schedule, tol0=1e-4, max_iter=60,
+                gtol=1e-9)
+    res = hoag.run({"log_reg": torch.tensor(2.0, dtype=DT)}, _shrinkage_batch(c))
+    assert abs(float(res.theta["log_reg"]) - opt) < 1e-3, res.history.column("theta")[-3:]
+    assert res.history[-1]["upper_loss"] < 1e-6
+
+
+def test_hoag_history_records_and_bounds():
+    batch = _shrinkage_batch(0.6)
+    hoag = HOAG(ShrinkageInner(), ScaledTargetOuter(), max_iter=8, bounds=Bounds(lower={"log_reg": 0.5}))
+    res = hoag.run({"log_reg": torch.tensor(2.0, dtype=DT)}, batch)
+    keys = {"iteration", "upper_loss", "grad_norm", "tol", "inner_iterations", "cg_iterations",
+            "seconds", "step_size", "accepted", "inner_converged", "cg_converged", "theta"}
+    assert keys <= set(res.history[0])
+    assert len(res.history) == 8 and not res.success and "maximum" in res.message
+    # the optimum log(2/3) < 0.5 lies outside the box: projection holds θ on the bound
+    assert float(res.theta["log_reg"]) == pytest.approx(0.5)
+    assert all(t["log_reg"] >= 0.5 - 1e-12 for t in res.history.column("theta"))
+
+
+def test_hoag_learns_tv_parameters_that_beat_the_initial_ones():
+    g = torch.Generator().manual_seed(0)
+    clean = torch.zeros(4, 1, 24, 24, dtype=DT)
+    clean[:, :, 6:18, 6:18] = 1.0
+    batch = {"y": clean + 0.2 * torch.randn(clean.shape, generator=g, dtype=DT), "image": clean}
+    hoag = HOAG(TVDenoising(), MSEToTarget(), max_iter=15, tol0=1e-6)
+    theta0 = {"log_weight": torch.tensor(-5.0, dtype=DT), "log_smoothing": torch.tensor(-4.0, dtype=DT)}
+    res = hoag.run(theta0, batch)
+    first, last = res.history[0]["upper_loss"], res.upper_loss
+    assert last < 0.5 * first
+
+
+def test_hoag_with_unrolled_estimator_runs():
+    hoag = HOAG(ShrinkageInner(), ScaledTargetOuter(), estimator=Unrolled(n_steps=30, step_size=5.0),
+                max_iter=10)
+    res = hoag.run({"log_reg": torch.tensor(2.0, dtype=DT)}, _shrinkage_batch())
+    assert res.history[-1]["upper_loss"] < res.history[0]["upper_loss"]
+
+
+def test_iteration_caps_are_flagged_and_warned_once():
+    hoag = HOAG(TVDenoising(), MSEToTarget(), max_iter=3, tolerance="constant", tol0=1e-14,
+                inner_method="accelerated-gradient", inner_max_iter=2, estimator=ImplicitCG(max_iter=1))
+    g = torch.Generator().manual_seed(0)
+    y = torch.rand(2, 1, 8, 8, generator=g, dtype=DT)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = hoag.run({"log_weight": torch.tensor(-2.0, dtype=DT), "log_smoothing": torch.tensor(-4.0, dtype=DT)},
+                       {"y": y, "image": y})
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert sum("inner solve" in m for m in msgs) == 1 and sum("CG hit" in m for m in msgs) == 1
+    assert not any(res.history.column("inner_converged"))
+    assert not any(res.history.column("cg_converged"))
+
+
+class _TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Conv2d(1, 1, 3, padding=1)
+        self.head = nn.Conv2d(1, 1, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)))
+
+
+class _TaskLoss(OuterLoss):
+    def __init__(self, task):
+        super().__init__()
+        self.task = task
+
+    def forward(self, x, theta, batch):
+        return ((self.task(x) - batch["label"]) ** 2).mean()
+
+
+def test_task_operator_freezes_all_but_finetuned_layers_and_hoag_updates_them():
+    torch.manual_seed(0)
+    net = _TinyNet().double()
+    task = TaskOperator(net, finetune=["head"])
+    assert task.trainable_names == ["head.weight", "head.bias"]
+    assert set(task.frozen_names) == {"body.weight", "body.bias"}
+    outer = _TaskLoss(task)
+    body0 = net.body.weight.detach().clone()
+    head0 = net.head.weight.detach().clone()
+    g = torch.Generator().manual_seed(1)
+    clean = torch.rand(2, 1, 8, 8, generator=g, dtype=DT)
+    batch = {"y": clean + 0.1 * torch.randn(clean.shape, generator=g, dtype=DT), "label": clean}
+    opt = torch.optim.Adam(outer.trainable_parameters().values(), lr=1e-2)
+    res = HOAG(TVDenoising(), outer, max_iter=4, param_optimizer=opt).run(
+        {"log_weight": torch.tensor(-3.0, dtype=DT), "log_smoothing": torch.tensor(-4.0, dtype=DT)}, batch)
+    assert torch.equal(net.body.weight, body0)
+    assert not torch.equal(net.head.weight, head0)
+    assert set(res.params) == {"task.network.head.weight", "task.network.head.bias"}
+
+
+def test_task_operator_rejects_unknown_prefix():
+    with pytest.raises(ValueError, match="nohead"):
+        TaskOperator(_TinyNet(), finetune=["nohead"])
+
+
+def test_tolerance_schedules():
+    assert tolerance_schedule("quadratic", 1.0)(3) == pytest.approx(1 / 16)
+    assert tolerance_schedule("cubic", 1.0)(1) == pytest.approx(1 / 8)
+    assert tolerance_schedule("geometric", 1.0, rate=0.5)(2) == pytest.approx(0.25)
+    assert tolerance_schedule("constant", 0.3)(7) == 0.3
+    with pytest.raises(ValueError, match="linear"):
+        tolerance_schedule("linear")
