@@ -135,6 +135,7 @@ class HessianOperator:
             raise ValueError(f"{type(inner).__name__} supplies no closed-form hvp/mixed_vjp")
         self.closed = closed and mode != "autograd"
         self.n_hvp = 0
+        self._lin = inner.linearize(self.x, self.theta, batch) if self.closed else None
         if not self.closed:
             with torch.enable_grad():
                 self._x = self.x.clone().requires_grad_(True)
@@ -145,6 +146,8 @@ class HessianOperator:
     def hvp(self, v: Tensor) -> Tensor:
         """``∇²ₓₓΦ · v`` for a full batch ``v`` (same shape as ``x``)."""
         self.n_hvp += 1
+        if self._lin is not None:
+            return self._lin[0](v)
         if self.closed:
             out = self.inner.hvp(self.x, self.theta, self.batch, v)
             if out is None:
@@ -157,6 +160,8 @@ class HessianOperator:
 
     def mixed_vjp(self, q: Tensor) -> Theta:
         """``(∇²_{xθ}Φ)ᵀ q = ∇_θ ⟨∇ₓΦ, q⟩`` per hyperparameter name (zeros where unused)."""
+        if self._lin is not None:
+            return self._lin[1](q)
         if self.closed:
             out = self.inner.mixed_vjp(self.x, self.theta, self.batch, q)
             if out is None:

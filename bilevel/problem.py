@@ -173,6 +173,12 @@ class InnerProblem(ABC):
         """Closed-form ``(∇²_{xθ} Σ_bΦ_b)ᵀ q = ∇_θ ⟨∇ₓΣ_bΦ_b, q⟩``. ``None`` to use autograd."""
         return None
 
+    def linearize(self, x: Tensor, theta: Theta, batch: Any):
+        """Optional: ``(hvp_fn, mixed_fn)`` closures with the quantities that depend only on
+        ``(x, θ)`` computed once, for many products at the same point (CG). ``None`` (default)
+        makes :class:`~bilevel.linalg.HessianOperator` call :meth:`hvp` / :meth:`mixed_vjp`."""
+        return None
+
     def has_closed_form_products(self) -> bool:
         """True when the subclass overrides both :meth:`hvp` and :meth:`mixed_vjp`."""
         cls = type(self)

@@ -110,6 +110,33 @@ class TVDenoising(InnerProblem):
         pv = vv / s - uv * inner
         return (2 * v + w * forward_differences_adjoint(ph, pv)) / self._n(x)
 
+    def linearize(self, x: Tensor, theta: Theta, batch: Any):
+        """Products at a fixed ``(x, θ)`` with ``1/s`` and ``u/s^{3/2}`` computed once:
+        ``Dv/s − u⟨u,Dv⟩/s³ = Dv·(1/s) − a⟨a, Dv⟩`` with ``a = u/s^{3/2}``."""
+        w, eps, uh, uv, s = self._parts(x.detach(), theta)
+        n = self._n(x)
+        inv_s = 1.0 / s
+        r = inv_s.sqrt() * inv_s
+        ah, av = uh * r, uv * r
+        ch, cv = uh * inv_s, uv * inv_s          # u/s, for the θ₀ term
+        dh, dv = uh * r * r, uv * r * r          # u/s³, for the θ₁ term
+        shape0, shape1 = theta["log_weight"].shape, theta["log_smoothing"].shape
+        dt0, dt1 = theta["log_weight"].dtype, theta["log_smoothing"].dtype
+
+        def hvp(v: Tensor) -> Tensor:
+            vh, vv = forward_differences(v)
+            c = ah * vh + av * vv
+            return (2.0 / n) * v + (w / n) * forward_differences_adjoint(vh * inv_s - ah * c,
+                                                                         vv * inv_s - av * c)
+
+        def mixed(q: Tensor) -> Dict[str, Tensor]:
+            qh, qv = forward_differences(q)
+            g0 = (w / n) * (ch * qh + cv * qv).sum()
+            g1 = -(w * eps / (2 * n)) * (dh * qh + dv * qv).sum()
+            return {"log_weight": g0.reshape(shape0).to(dt0), "log_smoothing": g1.reshape(shape1).to(dt1)}
+
+        return hvp, mixed
+
     def mixed_vjp(self, x: Tensor, theta: Theta, batch: Any, q: Tensor) -> Dict[str, Tensor]:
         w, eps, uh, uv, s = self._parts(x, theta)
         qh, qv = forward_differences(q)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["forward_differences", "forward_differences_adjoint", "SmoothedTV", "smoothed_tv"]
@@ -26,24 +27,17 @@ __all__ = ["forward_differences", "forward_differences_adjoint", "SmoothedTV", "
 
 def forward_differences(x: Tensor) -> Tuple[Tensor, Tensor]:
     """``(D_h x, D_v x)`` for ``x`` of shape ``(..., H, W)``; zero in the last column / row."""
-    dh = torch.zeros_like(x)
-    dv = torch.zeros_like(x)
-    dh[..., :, :-1] = x[..., :, 1:] - x[..., :, :-1]
-    dv[..., :-1, :] = x[..., 1:, :] - x[..., :-1, :]
+    dh = F.pad(torch.diff(x, dim=-1), (0, 1))
+    dv = F.pad(torch.diff(x, dim=-2), (0, 0, 0, 1))
     return dh, dv
 
 
 def forward_differences_adjoint(ph: Tensor, pv: Tensor) -> Tensor:
     """``D_hᵀ p_h + D_vᵀ p_v`` (the negative discrete divergence); entries of ``p`` in the last
     column (for ``p_h``) / row (for ``p_v``) are ignored, matching :func:`forward_differences`."""
-    out = torch.zeros_like(ph)
     a = ph[..., :, :-1]
-    out[..., :, 1:] += a
-    out[..., :, :-1] -= a
     b = pv[..., :-1, :]
-    out[..., 1:, :] += b
-    out[..., :-1, :] -= b
-    return out
+    return (F.pad(a, (1, 0)) - F.pad(a, (0, 1))) + (F.pad(b, (0, 0, 1, 0)) - F.pad(b, (0, 0, 0, 1)))
 
 
 def smoothed_tv(x: Tensor, log_weight: Tensor, log_smoothing: Tensor,
