@@ -19,22 +19,18 @@ import time
 
 import numpy as np
 import torch
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from bilevel import HOAG, Bounds, solve_inner
 from recon.data.natural_images import denoising_batch
 from recon.losses import MSEToTarget
+from recon.metrics import psnr, ssim
 from recon.problems import TVDenoising
 
 
 def mean_metrics(x: torch.Tensor, clean: torch.Tensor):
-    """Mean PSNR / SSIM over a batch, data range 1 (images live in [0, 1])."""
-    p, s = [], []
-    for a, b in zip(x.detach().cpu().numpy()[:, 0], clean.cpu().numpy()[:, 0]):
-        a = np.clip(a, 0, 1)
-        p.append(peak_signal_noise_ratio(b, a, data_range=1.0))
-        s.append(structural_similarity(b, a, data_range=1.0))
-    return float(np.mean(p)), float(np.mean(s))
+    """Mean PSNR / SSIM over a batch, data range 1 (images live in [0, 1]; x clipped to it)."""
+    x = x.detach().clamp(0, 1)
+    return float(psnr(x, clean, data_range=1.0).mean()), float(ssim(x, clean, data_range=1.0).mean())
 
 
 def main(argv=None):

@@ -11,6 +11,7 @@ from .ct_datasets import DicomSliceDataset, DigitsDataset, EllipsePhantomDataset
 from .dicom import (MU_WATER, DicomSlice, attenuation_to_hu, example_ct_path, find_dicom_files,
                     hu_to_attenuation, read_dicom_slice)
 from .digits import load_digits_images
+from .natural_images import BUNDLED, denoising_batch, image_patches, load_bundled_image
 from .noise import GaussianNoise, PoissonNoise, as_noise_model, select_views
 from .phantoms import ellipse_phantom, lesion_phantom, random_ellipses, render_ellipses, shepp_logan
 
@@ -19,6 +20,7 @@ __all__ = [
     "GaussianNoise", "PoissonNoise", "as_noise_model", "select_views",
     "ellipse_phantom", "lesion_phantom", "random_ellipses", "render_ellipses", "shepp_logan",
     "load_digits_images",
+    "BUNDLED", "denoising_batch", "image_patches", "load_bundled_image",
     "DicomSlice", "read_dicom_slice", "find_dicom_files", "hu_to_attenuation", "attenuation_to_hu",
     "example_ct_path", "MU_WATER",
 ]
