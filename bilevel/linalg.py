@@ -23,7 +23,7 @@ class NonPositiveCurvatureError(ValueError):
 
 def batch_dot(a: Tensor, b: Tensor) -> Tensor:
     """Per-sample inner product ``⟨a_b, b_b⟩``, shape ``(B,)``."""
-    return (a * b).flatten(1).sum(1)
+    return torch.linalg.vecdot(a.flatten(1), b.flatten(1))
 
 
 def batch_norm(a: Tensor) -> Tensor:
@@ -86,6 +86,7 @@ def batched_cg(matvec: Callable[[Tensor], Tensor], b: Tensor, x0: Optional[Tenso
     iters = torch.zeros(bsz, dtype=torch.long, device=b.device)
     p = r.clone()
     view = (bsz,) + (1,) * (b.dim() - 1)
+    one = torch.ones_like(rs)
     for _ in range(max_iter):
         if not bool(active.any()):
             break
@@ -98,15 +99,14 @@ def batched_cg(matvec: Callable[[Tensor], Tensor], b: Tensor, x0: Optional[Tenso
                 f"conjugate gradient found non-positive curvature pᵀAp = "
                 f"{pap[bad].tolist()} for sample(s) {idx}: the Hessian is not positive definite "
                 f"there (is the inner problem strongly convex at this point?)")
-        alpha = torch.where(active, rs / torch.where(active, pap, torch.ones_like(pap)),
-                            torch.zeros_like(rs))
-        x = x + alpha.view(view) * p
-        r = r - alpha.view(view) * ap
+        # stopped samples get α = β = 0: x, r stay put and p is zeroed (it is never used again)
+        alpha = torch.where(active, rs / torch.where(active, pap, one), torch.zeros_like(rs))
+        x.addcmul_(alpha.view(view), p)
+        r.addcmul_(alpha.view(view), ap, value=-1.0)
         rs_new = batch_dot(r, r)
-        iters = iters + active.long()
-        beta = torch.where(active, rs_new / torch.where(active, rs, torch.ones_like(rs)),
-                           torch.zeros_like(rs))
-        p = torch.where(active.view(view), r + beta.view(view) * p, p)
+        iters += active.long()
+        beta = torch.where(active, rs_new / torch.where(active, rs, one), torch.zeros_like(rs))
+        p.mul_(beta.view(view)).add_(r)
         rs = torch.where(active, rs_new, rs)
         active = active & (rs.sqrt() > threshold)
     res = rs.clamp_min(0).sqrt()

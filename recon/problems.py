@@ -126,8 +126,10 @@ class TVDenoising(InnerProblem):
         def hvp(v: Tensor) -> Tensor:
             vh, vv = forward_differences(v)
             c = ah * vh + av * vv
-            return (2.0 / n) * v + (w / n) * forward_differences_adjoint(vh * inv_s - ah * c,
-                                                                         vv * inv_s - av * c)
+            # ah, av, vh, vv vanish in the last column / row, so p does too
+            ph = vh * inv_s - ah * c
+            pv = vv * inv_s - av * c
+            return (2.0 / n) * v + (w / n) * forward_differences_adjoint(ph, pv, last_is_zero=True)
 
         def mixed(q: Tensor) -> Dict[str, Tensor]:
             qh, qv = forward_differences(q)
