@@ -10,9 +10,13 @@ per sample, timed side by side — and checks the issue's targets.  Writes check
     PYTHONPATH=. python examples/ct_unrolling.py --quick         # smoke run, < 1 minute
     PYTHONPATH=. python examples/ct_unrolling.py --noise poisson # + low dose (I0 = 7e4)
 
-A shorter learning-rate schedule than the reference (Adam lr 2e-3 with 32 warm-up steps and
-cosine decay instead of 5e-5 for 15 epochs) and zero-initialised last convolutions (every network starts at its FBP
-input) make a few minutes of CPU training meaningful.
+Defaults: 64² phantoms of ~10 random ellipses, 15 angles (about as sparse as the reference's
+90 angles at 512²: FBP streaks, ~23.5 dB with the best filter on validation), no noise.  A
+shorter learning-rate schedule than the reference (Adam lr 1e-3, batch 2, 64 warm-up steps and
+cosine decay over 4 epochs of 512 samples instead of 5e-5 for 15 epochs) and zero-initialised
+last convolutions (every network starts at its FBP input) make ~10 minutes of CPU training
+meaningful.  With the 50-ellipse phantoms of ``recon.train`` (``--n-ellipses 50``) the same
+budget gives LPD only ~+4.5 dB over FBP: the busier prior needs far more training.
 """
 
 from __future__ import annotations
@@ -40,7 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--n-angles", type=int, default=60)
+    p.add_argument("--n-angles", type=int, default=15,
+                   help="parallel-beam angles (15 at 64² is about as sparse as 90 at 512²)")
+    p.add_argument("--n-ellipses", type=float, default=10,
+                   help="mean number of random ellipses per phantom")
     p.add_argument("--noise", choices=("none", "poisson", "gaussian"), default="none")
     p.add_argument("--n-train", type=int, default=512)
     p.add_argument("--n-val", type=int, default=32)
@@ -48,9 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", choices=("digits", "clinical"), default="digits")
     p.add_argument("--subsets", type=int, default=4)
     p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=32, help="linear lr warm-up steps")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=64, help="linear lr warm-up steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1 is fastest on a busy machine)")
@@ -116,7 +123,8 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     setup = default_setup(image_size=args.image_size, n_angles=args.n_angles, noise=args.noise,
-                          n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
+                          n_ellipses=args.n_ellipses, n_train=args.n_train, n_val=args.n_val,
+                          n_test=args.n_test)
     setup["fbp_filter"] = best_fbp_filter(setup)
     if not args.skip_training:
         train_all(args, setup, out)
@@ -126,7 +134,8 @@ def main(argv=None) -> dict:
     eval_args = eval_args.parse_args([*checkpoints, "--n-test", str(args.n_test), "--out",
                                       str(out), "--device", "cpu", "--repeats",
                                       str(args.repeats), "--threads", str(args.threads)])
-    print(f"\nTable 3.1 analog: {args.image_size}² ellipses, {args.n_angles} angles, noise "
+    print(f"\nTable 3.1 analog: {args.image_size}² phantoms of ~{args.n_ellipses:g} "
+          f"ellipses, {args.n_angles} angles, noise "
           f"{args.noise}, {args.n_test} test samples, CPU, {args.threads} thread(s); time at "
           f"batch 1")
     report = run(eval_args)

@@ -358,12 +358,13 @@ def default_setup(**overrides: Any) -> dict[str, Any]:
     geometry's default), ``noise`` (``"none"``, ``"poisson"``: ``b ~ Poisson(I₀ e^{-μ y})``
     with ``photons = I₀`` and ``mu_scale = μ`` (``None``: ``4 / image_size``, i.e. optical depth
     4 across a unit-valued image), or ``"gaussian"`` with relative ``noise_level``),
-    ``fbp_filter``, ``data_seed`` (train / val / test use seeds ``data_seed + 0, 1, 2``),
+    ``n_ellipses`` (mean number of random ellipses per phantom), ``fbp_filter``,
+    ``data_seed`` (train / val / test use seeds ``data_seed + 0, 1, 2``),
     ``n_train``, ``n_val``, ``n_test``.
     """
     setup = dict(dataset="ellipses", image_size=64, n_angles=30, n_detectors=None, noise="none",
-                 photons=7e4, mu_scale=None, noise_level=0.05, fbp_filter="hann", data_seed=0,
-                 n_train=512, n_val=32, n_test=64)
+                 photons=7e4, mu_scale=None, noise_level=0.05, n_ellipses=50.0, fbp_filter="hann",
+                 data_seed=0, n_train=512, n_val=32, n_test=64)
     unknown = set(overrides) - set(setup)
     if unknown:
         raise ValueError(f"unknown setup keys {sorted(unknown)}; known: {sorted(setup)}")
@@ -412,7 +413,8 @@ def build_setup(setup: Mapping[str, Any], split: str = "train", n: int | None = 
     seed = int(setup["data_seed"]) + {"train": 0, "val": 1, "test": 2}[split]
     kwargs = dict(noise=_noise_model(setup), fbp_filter=setup["fbp_filter"])
     if setup["dataset"] == "ellipses":
-        dataset = EllipsePhantomDataset(n, int(setup["image_size"]), operator, seed=seed, **kwargs)
+        dataset = EllipsePhantomDataset(n, int(setup["image_size"]), operator, seed=seed,
+                                        n_ellipses=float(setup.get("n_ellipses", 50.0)), **kwargs)
     else:  # digits: validation is the tail of the training split, test the held-out split
         n_train = int(setup["n_train"])
         if split == "test":
@@ -442,6 +444,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mu-scale", type=float, default=None,
                    help="Poisson optical depth per sinogram unit (default 4/image_size)")
     g.add_argument("--noise-level", type=float, default=d["noise_level"])
+    g.add_argument("--n-ellipses", type=float, default=d["n_ellipses"],
+                   help="mean number of random ellipses per phantom")
     g.add_argument("--fbp-filter", default=d["fbp_filter"])
     g.add_argument("--data-seed", type=int, default=d["data_seed"])
     g.add_argument("--n-train", type=int, default=d["n_train"])
@@ -490,8 +494,8 @@ def train_from_args(args: argparse.Namespace) -> TrainResult:
     setup = default_setup(dataset=args.dataset, image_size=args.image_size,
                           n_angles=args.n_angles, n_detectors=args.n_detectors, noise=args.noise,
                           photons=args.photons, mu_scale=args.mu_scale,
-                          noise_level=args.noise_level, fbp_filter=args.fbp_filter,
-                          data_seed=args.data_seed, n_train=args.n_train, n_val=args.n_val)
+                          noise_level=args.noise_level, n_ellipses=args.n_ellipses,
+                          fbp_filter=args.fbp_filter, data_seed=args.data_seed, n_train=args.n_train, n_val=args.n_val)
     operator, train_data = build_setup(setup, "train")
     _, val_data = build_setup(setup, "val", operator=operator)
     overrides = {key: getattr(args, arg) for arg, key in _MODEL_ARGS.items()

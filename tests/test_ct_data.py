@@ -196,3 +196,15 @@ def test_dicom_tree_reader_and_dataset(tmp_path):
     assert 0 <= float(item["image"].min()) and float(item["image"].max()) < 4  # units of water
     with pytest.raises(ValueError, match="not a readable DICOM"):
         read_dicom_slice(tmp_path / "series" / "notes.txt")
+
+
+def test_ellipse_phantoms_are_never_empty():
+    import numpy as np
+
+    from recon.data.phantoms import ellipse_phantom
+
+    rng = np.random.default_rng(0)
+    # with a mean of 0.7 ellipses about half of the raw draws hold no ellipse at all
+    for _ in range(40):
+        img = ellipse_phantom((16, 16), rng, n_mean=0.7)
+        assert float((img > 0).double().mean()) >= 0.01 and float(img.max()) == 1.0

@@ -99,12 +99,25 @@ def random_ellipses(rng: np.random.Generator, n_mean: float = 50.0, *, interior:
 
 
 def ellipse_phantom(shape, rng: np.random.Generator, n_mean: float = 50.0, *,
-                    interior: bool = False) -> torch.Tensor:
+                    interior: bool = False, min_support: float = 0.01,
+                    max_draws: int = 100) -> torch.Tensor:
     """Random-ellipse phantom in ``[0, 1]``: :func:`random_ellipses` summed, negative
-    parts clipped to 0 and the result divided by its maximum (all-zero stays zero)."""
-    img = render_ellipses(random_ellipses(rng, n_mean, interior=interior), shape).clamp_min(0.0)
-    top = float(img.max())
-    return img / top if top > 0 else img
+    parts clipped to 0 and the result divided by its maximum.
+
+    A draw whose positive part covers less than ``min_support`` of the pixels (e.g. no ellipse,
+    or only negative ones) is redrawn from the same ``rng``, up to ``max_draws`` times, so a data
+    set never holds an empty image (whose PSNR is undefined).
+    """
+    if not 0.0 <= min_support < 1.0:
+        raise ValueError(f"min_support must lie in [0, 1), got {min_support!r}")
+    for _ in range(max_draws):
+        img = render_ellipses(random_ellipses(rng, n_mean, interior=interior), shape).clamp_min(0.0)
+        if float((img > 0).double().mean()) >= min_support:
+            break
+    else:
+        raise ValueError(f"no phantom with support ≥ {min_support} in {max_draws} draws "
+                         f"(n_mean={n_mean}); raise n_mean or lower min_support")
+    return img / float(img.max())
 
 
 def _point_in_ellipse(rng, ell, margin: float) -> tuple[float, float]:
