@@ -6,6 +6,8 @@
 """
 from .history import History, Result, tolerance_schedule
 from .hoag import HOAG
+from .adaptive import AdaptiveInexact
+from .maid import MAID
 from .hypergrad import ImplicitCG, Unrolled
 from .linalg import NonPositiveCurvatureError, batched_cg
 from .problem import (Bounds, Hypergradient, HypergradientEstimator, InnerProblem, OuterLoss,
@@ -17,4 +19,5 @@ __all__ = [
     "HypergradientEstimator", "Hypergradient", "Result", "History", "Bounds", "SolveResult",
     "solve_inner", "batched_cg", "tolerance_schedule", "NonPositiveCurvatureError",
 ]
+__all__ += ["MAID", "AdaptiveInexact"]
 __version__ = "0.1.0"
