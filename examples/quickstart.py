@@ -1,6 +1,6 @@
 """Quickstart: learn the smoothed-TV denoising hyperparameters with HOAG.
 
-    python examples/quickstart.py [--iters 30] [--n-train 16] [--sigma 0.1] [--out outputs/quickstart]
+    python examples/quickstart.py [--iters 100] [--n-train 16] [--sigma 0.1] [--out outputs/quickstart]
 
 Lower level (per image b):  x̂_b(θ) = argmin_x mean((x − y_b)²) + e^{θ₀} mean sqrt(|∇x|² + e^{θ₁})
 Upper level:                min_θ mean((x̂(θ) − x*)²)   (MSE to the clean images)
@@ -35,7 +35,7 @@ def mean_metrics(x: torch.Tensor, clean: torch.Tensor):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    ap.add_argument("--iters", type=int, default=30, help="HOAG outer iterations")
+    ap.add_argument("--iters", type=int, default=100, help="HOAG outer iterations")
     ap.add_argument("--n-train", type=int, default=16)
     ap.add_argument("--n-test", type=int, default=16)
     ap.add_argument("--size", type=int, default=64)
