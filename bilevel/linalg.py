@@ -31,8 +31,25 @@ def batch_norm(a: Tensor) -> Tensor:
     return a.flatten(1).norm(dim=1)
 
 
+class PerSampleCounts:
+    """Mixin for results holding per-sample ``iterations`` and ``converged`` tensors."""
+
+    iterations: Tensor
+    converged: Tensor
+
+    @property
+    def max_iterations(self) -> int:
+        """Largest iteration count over the samples (0 for an empty batch)."""
+        return int(self.iterations.max()) if self.iterations.numel() else 0
+
+    @property
+    def all_converged(self) -> bool:
+        """Whether every sample met its tolerance."""
+        return bool(self.converged.all())
+
+
 @dataclass
-class CGResult:
+class CGResult(PerSampleCounts):
     """Outcome of :func:`batched_cg`.
 
     ``x`` the solution, ``iterations`` CG steps per sample (``(B,)`` long), ``residual`` final
@@ -43,14 +60,6 @@ class CGResult:
     iterations: Tensor
     residual: Tensor
     converged: Tensor
-
-    @property
-    def max_iterations(self) -> int:
-        return int(self.iterations.max()) if self.iterations.numel() else 0
-
-    @property
-    def all_converged(self) -> bool:
-        return bool(self.converged.all())
 
 
 def batched_cg(matvec: Callable[[Tensor], Tensor], b: Tensor, x0: Optional[Tensor] = None,

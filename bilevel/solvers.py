@@ -21,14 +21,15 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .linalg import HessianOperator, NonPositiveCurvatureError, batch_dot, batch_norm, batched_cg
+from .linalg import (HessianOperator, NonPositiveCurvatureError, PerSampleCounts, batch_dot,
+                     batch_norm, batched_cg)
 from .problem import InnerProblem, Theta, check_finite, check_tolerance
 
 __all__ = ["SolveResult", "newton_cg", "lbfgs", "accelerated_gradient", "solve_inner", "METHODS"]
 
 
 @dataclass
-class SolveResult:
+class SolveResult(PerSampleCounts):
     """Outcome of an inner solve.
 
     ``x`` the (approximate) minimiser, ``iterations`` per-sample counts ``(B,)``,
@@ -42,14 +43,6 @@ class SolveResult:
     converged: Tensor
     method: str
     hvp_count: int = 0
-
-    @property
-    def max_iterations(self) -> int:
-        return int(self.iterations.max()) if self.iterations.numel() else 0
-
-    @property
-    def all_converged(self) -> bool:
-        return bool(self.converged.all())
 
 
 def _bview(t: Tensor, like: Tensor) -> Tensor:

@@ -14,13 +14,7 @@ from recon.models import LSPD, LearnedPrimalDual, SketchedLSPD
 from recon.train import TrainConfig, check_data_matches_operator, fit, main, stack_dataset
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions: one intra-op thread avoids OpenMP spin contention on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
