@@ -12,12 +12,12 @@ For ``ℓ(θ) = ℓ(x̂(θ), θ)`` with ``∇ₓΦ(x̂(θ); θ) = 0`` the implic
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .linalg import HessianOperator, batch_norm, batched_cg
+from .linalg import HessianOperator, batched_cg
 from .problem import (Hypergradient, HypergradientEstimator, InnerProblem, OuterLoss, Theta,
                       check_tolerance)
 

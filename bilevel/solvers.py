@@ -14,7 +14,6 @@ and return a :class:`SolveResult` with per-sample iteration counts and convergen
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -23,7 +22,7 @@ from torch import Tensor
 
 from .linalg import (HessianOperator, NonPositiveCurvatureError, PerSampleCounts, batch_dot,
                      batch_norm, batched_cg)
-from .problem import InnerProblem, Theta, check_finite, check_tolerance
+from .problem import InnerProblem, Theta, check_tolerance
 
 __all__ = ["SolveResult", "newton_cg", "lbfgs", "accelerated_gradient", "solve_inner", "METHODS"]
 
