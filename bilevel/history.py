@@ -108,6 +108,35 @@ class Result:
     message: str
     n_iter: int
     params: Dict[str, Tensor] = field(default_factory=dict)
+    #: what an outer loop needs to continue this run (``HOAG.run(..., resume=result)``)
+    state: Dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str) -> None:
+        """Write the result atomically (temporary file + rename) with ``torch.save``; only
+        tensors, numbers, strings, lists and dicts are stored, so :meth:`load` can use
+        ``torch.load(..., weights_only=True)``."""
+        import torch
+        payload = {"theta": self.theta, "x": self.x, "history": self.history.records,
+                   "success": self.success, "message": self.message, "n_iter": self.n_iter,
+                   "params": self.params, "state": self.state}
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=folder)
+        os.close(fd)
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path: str) -> "Result":
+        """Read a result written by :meth:`save` (``weights_only=True``: nothing is unpickled)."""
+        import torch
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(theta=d["theta"], x=d["x"], history=History(d["history"]), success=d["success"],
+                   message=d["message"], n_iter=d["n_iter"], params=d["params"], state=d["state"])
 
     @property
     def upper_loss(self) -> float:

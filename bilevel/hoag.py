@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .history import History, Result, tolerance_schedule
-from .hypergrad import ImplicitCG
+from .hypergrad import ImplicitCG, outer_gradients
 from .problem import (Bounds, HypergradientEstimator, InnerProblem, OuterLoss, Theta,
                       check_theta, check_tolerance, project)
 from .solvers import solve_inner
@@ -45,6 +45,9 @@ class HOAG:
     estimator: hypergradient estimator (default :class:`~bilevel.ImplicitCG`).
     tolerance: ``"geometric"``, ``"quadratic"``, ``"cubic"``, ``"constant"`` or ``k ↦ ε_k``.
     tol0, tol_rate, tol_min: schedule parameters (see :func:`bilevel.history.tolerance_schedule`).
+        ``tol0=None`` (default) scales ε₀ to the problem: ``0.1·min(max_b‖∇ₓΦ_b(x⁰)‖,
+        max_b‖(∇ₓℓ(x⁰))_b‖)`` at the initial point, so that neither the inner solve nor CG is
+        satisfied before it starts (an absolute ε₀ above ‖∇ₓℓ‖ would make CG return q = 0).
     max_iter: number of outer iterations.
     step_size: initial step ``1/L₀``; ``None`` uses ``1/‖g₀‖`` (first move of length 1).
     bounds: :class:`~bilevel.Bounds` on θ (projected after each step).
@@ -53,20 +56,23 @@ class HOAG:
         given, those parameters (fine-tuned task layers) take a step with ``∇_φℓ`` after every
         accepted outer iteration.
     slack: the constant ``C`` of the acceptance test.
-    gtol: stop with success when ``‖g_k‖ ≤ gtol``.
+    gtol: stop with success when ``‖g_k‖ ≤ gtol`` (``0``: never stop early).
     callback: called as ``callback(record, theta)`` after every iteration; returning ``True`` stops.
     progress: show a tqdm progress bar with the upper loss.
+    checkpoint: path of a :class:`~bilevel.Result` written atomically after every iteration;
+        an interrupted run continues with ``run(theta0, batch, resume=Result.load(path))``.
     """
 
     def __init__(self, inner: InnerProblem, outer: OuterLoss,
                  estimator: Optional[HypergradientEstimator] = None,
-                 tolerance: Union[str, Callable[[int], float]] = "geometric", tol0: float = 1e-2,
+                 tolerance: Union[str, Callable[[int], float]] = "geometric", tol0: Optional[float] = None,
                  tol_rate: float = 0.9, tol_min: float = 1e-12, max_iter: int = 30,
                  step_size: Optional[float] = None, bounds: Optional[Bounds] = None,
                  inner_method: str = "newton-cg", inner_max_iter: Optional[int] = None,
                  param_optimizer: Optional[torch.optim.Optimizer] = None, slack: float = 1.0,
                  grow: float = 1.1, shrink: float = 1.5, reject_ratio: float = 0.2,
-                 gtol: float = 0.0, callback: Optional[Callable] = None, progress: bool = False):
+                 gtol: float = 0.0, callback: Optional[Callable] = None, progress: bool = False,
+                 checkpoint: Optional[str] = None):
         if not isinstance(inner, InnerProblem):
             raise TypeError(f"inner must be an InnerProblem, got {type(inner).__name__}")
         if not callable(outer):
@@ -77,8 +83,8 @@ class HOAG:
             check_tolerance("step_size", step_size)
         self.inner, self.outer = inner, outer
         self.estimator = estimator if estimator is not None else ImplicitCG()
-        self.schedule = tolerance_schedule(tolerance, tol0, tol_rate, tol_min)
-        self.tolerance = tolerance
+        self.tolerance, self.tol0, self.tol_rate, self.tol_min = tolerance, tol0, tol_rate, tol_min
+        tolerance_schedule(tolerance, 1.0 if tol0 is None else tol0, tol_rate, tol_min)  # validate
         self.max_iter, self.step_size, self.bounds = max_iter, step_size, bounds
         self.inner_method, self.inner_max_iter = inner_method, inner_max_iter
         self.param_optimizer = param_optimizer
@@ -86,6 +92,7 @@ class HOAG:
         self.grow, self.shrink, self.reject_ratio = grow, shrink, reject_ratio
         self.gtol = check_tolerance("gtol", gtol, allow_zero=True)
         self.callback, self.progress = callback, progress
+        self.checkpoint = checkpoint
 
     # ------------------------------------------------------------------------------------------
     def _apply_param_grads(self, grads: Dict[str, Tensor]) -> None:
@@ -97,27 +104,60 @@ class HOAG:
         self.param_optimizer.step()
         self.param_optimizer.zero_grad(set_to_none=True)
 
-    def run(self, theta0: Theta, batch: Any, x0: Optional[Tensor] = None) -> Result:
-        """Run HOAG from ``theta0`` on ``batch`` (``x0``: optional warm start of the inner solve)."""
+    def _scaled_tol0(self, theta: Theta, batch: Any, x0: Optional[Tensor]) -> float:
+        x = self.inner.init(theta, batch) if x0 is None else x0
+        g_inner = self.inner.grad(x, theta, batch).flatten(1).norm(dim=1).max()
+        _, gx, _, _ = outer_gradients(self.outer, x, theta, batch)
+        g_outer = gx.flatten(1).norm(dim=1).max()
+        scales = [float(v) for v in (g_inner, g_outer) if float(v) > 0 and math.isfinite(float(v))]
+        return 0.1 * min(scales) if scales else 1e-8
+
+    def run(self, theta0: Theta, batch: Any, x0: Optional[Tensor] = None,
+            resume: Optional[Result] = None) -> Result:
+        """Run HOAG from ``theta0`` on ``batch`` (``x0``: optional warm start of the inner solve).
+
+        ``resume``: a :class:`~bilevel.Result` of an earlier (interrupted) run of the same problem;
+        the run continues where it stopped, up to ``max_iter`` iterations in all, with its step
+        size, tolerance scale, last accepted iterate and History.
+        """
         theta = check_theta(theta0, self.inner.theta_names)
         if self.bounds is not None:
             self.bounds.check_names(theta)
         theta = project(theta, self.bounds)
         self.estimator.reset()
         history = History()
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=self.max_iter, desc="HOAG", unit="it")
         x = x0
         L = None if self.step_size is None else 1.0 / self.step_size
         tol_scale = 1.0
         prev = None  # (theta, loss, grad, eps) of the last accepted iterate
+        x_accepted = None
         elapsed, cost = 0.0, 0
+        start = 0
+        if resume is not None:
+            st = resume.state
+            if not st or st.get("method") != "HOAG":
+                raise ValueError(f"resume must be a Result of a HOAG run, got state keys {sorted(st)}")
+            history = History(list(resume.history.records))
+            theta = check_theta(st["next_theta"], self.inner.theta_names)
+            x, L, tol_scale = st["x"], st["L"], st["tol_scale"]
+            elapsed, cost, start = st["elapsed"], st["cost"], len(history)
+            if st["prev_theta"] is not None:
+                prev = (st["prev_theta"], st["prev_loss"], st["prev_grad"], st["prev_eps"])
+                x_accepted = resume.x
+            self.estimator.load_warm_state(st["estimator"])
+            tol0 = st["tol0"]
+        else:
+            tol0 = self.tol0 if self.tol0 is not None else self._scaled_tol0(theta, batch, x0)
+        self.schedule = tolerance_schedule(self.tolerance, tol0, self.tol_rate, self.tol_min)
+        self._tol0_used = tol0
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=self.max_iter, initial=start, desc="HOAG", unit="it")
         warned_inner = warned_cg = False
         success, message = False, "maximum number of outer iterations reached"
-        k = 0
-        for k in range(self.max_iter):
+        k = start
+        for k in range(start, self.max_iter):
             t0 = time.perf_counter()
             eps = max(self.schedule(k) * tol_scale, 1e-300)
             sol = solve_inner(self.inner, theta, batch, eps, x0=x, method=self.inner_method,
@@ -170,19 +210,38 @@ class HOAG:
                 self._apply_param_grads(hg.param_grads)
                 prev = (theta, hg.loss, hg.theta_grad, eps)
                 x_accepted = x
-                if gnorm <= self.gtol:
+                if self.gtol > 0 and gnorm <= self.gtol:
                     success, message = True, f"hypergradient norm {gnorm:.3e} ≤ gtol {self.gtol:.1e}"
                     break
             th_base, g_base = prev[0], prev[2]
-            if self.callback is not None and self.callback(record, theta):
+            current = theta
+            theta = project({n: th_base[n] - step * g_base[n] for n in th_base}, self.bounds)
+            if self.checkpoint is not None:
+                self._result(prev, x_accepted, theta, x, L, tol_scale, elapsed, cost, history,
+                             success, message).save(self.checkpoint)
+            if self.callback is not None and self.callback(record, current):
                 message = "stopped by callback"
                 break
-            theta = project({n: th_base[n] - step * g_base[n] for n in th_base}, self.bounds)
         if bar is not None:
             bar.close()
+        result = self._result(prev, x_accepted, theta, x, L, tol_scale, elapsed, cost, history,
+                              success, message)
+        if self.checkpoint is not None:
+            result.save(self.checkpoint)
+        return result
+
+    def _result(self, prev, x_accepted, theta, x, L, tol_scale, elapsed, cost, history, success,
+                message) -> Result:
         final_theta, final_x = (prev[0], x_accepted) if prev is not None else (theta, x)
+        state = dict(method="HOAG", next_theta=theta, x=x, L=L, tol_scale=tol_scale,
+                     tol0=self._tol0_used, estimator=self.estimator.warm_state(),
+                     elapsed=elapsed, cost=cost,
+                     prev_theta=None if prev is None else prev[0],
+                     prev_loss=None if prev is None else prev[1],
+                     prev_grad=None if prev is None else prev[2],
+                     prev_eps=None if prev is None else prev[3])
+        params = (self.outer.trainable_parameters().items()
+                  if hasattr(self.outer, "trainable_parameters") else [])
         return Result(theta={k_: v.detach().clone() for k_, v in final_theta.items()}, x=final_x,
                       history=history, success=success, message=message, n_iter=len(history),
-                      params={n: p.detach().clone() for n, p in
-                              (self.outer.trainable_parameters().items()
-                               if hasattr(self.outer, "trainable_parameters") else [])})
+                      params={n: p.detach().clone() for n, p in params}, state=state)

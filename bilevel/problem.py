@@ -308,5 +308,14 @@ class HypergradientEstimator(ABC):
                  x: Tensor, tol: float) -> Hypergradient:  # pragma: no cover
         ...
 
+    def warm_state(self) -> Dict[str, Any]:
+        """Warm-start state worth checkpointing (CG's last ``q`` for the CG estimators)."""
+        return {"q": getattr(self, "_q", None)}
+
+    def load_warm_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`warm_state` returned (used when a run resumes)."""
+        if hasattr(self, "_q") and "q" in state:
+            self._q = state["q"]
+
     def reset(self) -> None:
         """Forget warm-start state."""

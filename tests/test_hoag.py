@@ -130,3 +130,33 @@ def test_tolerance_schedules():
     assert tolerance_schedule("constant", 0.3)(7) == 0.3
     with pytest.raises(ValueError, match="linear"):
         tolerance_schedule("linear")
+
+
+def test_interrupted_hoag_run_resumes_from_its_checkpoint(tmp_path):
+    from bilevel import Result
+
+    batch = _shrinkage_batch(0.6)
+    theta0 = {"log_reg": torch.tensor(2.0, dtype=DT)}
+    full = HOAG(ShrinkageInner(), ScaledTargetOuter(), max_iter=10).run(theta0, batch)
+
+    path = str(tmp_path / "hoag.pt")
+    stop_at_5 = lambda record, theta: record["iteration"] == 4  # noqa: E731  (an "interruption")
+    first = HOAG(ShrinkageInner(), ScaledTargetOuter(), max_iter=10, checkpoint=path,
+                 callback=stop_at_5).run(theta0, batch)
+    assert len(first.history) == 5 and first.message == "stopped by callback"
+    saved = Result.load(path)
+    assert len(saved.history) == 5
+    resumed = HOAG(ShrinkageInner(), ScaledTargetOuter(), max_iter=10).run(theta0, batch, resume=saved)
+    assert len(resumed.history) == 10
+    assert resumed.history.column("iteration") == list(range(10))
+    assert float(resumed.theta["log_reg"]) == pytest.approx(float(full.theta["log_reg"]), rel=1e-10)
+    assert resumed.history.column("upper_loss") == pytest.approx(full.history.column("upper_loss"), rel=1e-10)
+
+
+def test_resume_rejects_a_foreign_result():
+    from bilevel import History, Result
+
+    foreign = Result(theta={}, x=None, history=History(), success=True, message="", n_iter=0)
+    with pytest.raises(ValueError, match="resume"):
+        HOAG(ShrinkageInner(), ScaledTargetOuter()).run({"log_reg": torch.tensor(0.0, dtype=DT)},
+                                                        _shrinkage_batch(), resume=foreign)
