@@ -6,9 +6,10 @@
 # 1. GPU: 12-iteration LPD (clinical preset, 5x5 kernels) on a 512^2, 90-angle parallel-beam
 #    slice at batch 8 -- target < 5 ms per slice -- with LSPD / Sk-LSPD / FBP timed side by side;
 #    fp32 (TF32 convolutions) and bf16 autocast; sparse-matrix and matrix-free projectors.
-# 2. CPU: the 64^2, 60-angle digits-preset table at batch 1 and 8 (one thread).
+# 2. The ray-transform throughput table (benchmarks/operators.py), CUDA rows included.
+# 3. CPU: the 64^2, 60-angle digits-preset table at batch 1 and 8 (one thread).
 # Needs only Python 3 + torch + numpy (+ scipy for the sparse projector); run from anywhere.
-# Prints the tables and writes $OUT/gpu512.json, $OUT/cpu64.json, $OUT/gpu.txt.
+# Prints the tables and writes $OUT/gpu512.json, $OUT/cpu64.json, $OUT/operators.json, $OUT/gpu.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
@@ -28,6 +29,10 @@ PY
 
 methods="matrix_free"; cpu_method="matrix_free"
 if python -c "import scipy" 2>/dev/null; then methods="sparse matrix_free"; cpu_method="sparse"; fi
+
+# issue 4: forward + adjoint throughput of the ray transform (CUDA rows when a GPU is there;
+# target < 0.25 ms per 512^2, 90-angle slice at batch 8); ODL/ASTRA rows only where installed
+python benchmarks/operators.py --batches 1,8 --out "$OUT/operators.json"
 
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   python benchmarks/unrolling.py --device cuda --size 512 --n-angles 90 --batch 8 \
