@@ -25,15 +25,12 @@ from torch import Tensor
 
 from .history import History, Result, tolerance_schedule
 from .hypergrad import ImplicitCG, outer_gradients
+from .linalg import batch_norm
 from .problem import (Bounds, HypergradientEstimator, InnerProblem, OuterLoss, Theta,
-                      check_theta, check_tolerance, project)
+                      check_theta, check_tolerance, project, theta_floats, theta_norm)
 from .solvers import solve_inner
 
 __all__ = ["HOAG"]
-
-
-def _theta_floats(theta: Theta) -> Dict[str, Any]:
-    return {k: (float(v) if v.numel() == 1 else v.detach().cpu().tolist()) for k, v in theta.items()}
 
 
 class HOAG:
@@ -106,9 +103,9 @@ class HOAG:
 
     def _scaled_tol0(self, theta: Theta, batch: Any, x0: Optional[Tensor]) -> float:
         x = self.inner.init(theta, batch) if x0 is None else x0
-        g_inner = self.inner.grad(x, theta, batch).flatten(1).norm(dim=1).max()
+        g_inner = batch_norm(self.inner.grad(x, theta, batch)).max()
         _, gx, _, _ = outer_gradients(self.outer, x, theta, batch)
-        g_outer = gx.flatten(1).norm(dim=1).max()
+        g_outer = batch_norm(gx).max()
         scales = [float(v) for v in (g_inner, g_outer) if float(v) > 0 and math.isfinite(float(v))]
         return 0.1 * min(scales) if scales else 1e-8
 
@@ -182,7 +179,7 @@ class HOAG:
             accepted = True
             if prev is not None:
                 th_old, f_old, g_old, eps_old = prev
-                gn_old = math.sqrt(sum(float((g ** 2).sum()) for g in g_old.values()))
+                gn_old = theta_norm(g_old)
                 bound = (f_old + self.slack * eps + eps_old * (self.slack + 1.0 / L) * gn_old
                          - gn_old ** 2 / (2 * L))
                 if hg.loss <= bound:
@@ -201,7 +198,7 @@ class HOAG:
                           inner_iterations=sol.max_iterations, cg_iterations=hg.cg_iterations,
                           seconds=time.perf_counter() - t0, elapsed=elapsed, cost=cost,
                           step_size=step, accepted=accepted, inner_converged=sol.all_converged,
-                          cg_converged=hg.cg_converged, theta=_theta_floats(theta))
+                          cg_converged=hg.cg_converged, theta=theta_floats(theta))
             history.append(**record)
             if bar is not None:
                 bar.set_postfix(loss=f"{hg.loss:.4g}", tol=f"{eps:.1e}", step=f"{step:.2g}")
@@ -233,13 +230,11 @@ class HOAG:
     def _result(self, prev, x_accepted, theta, x, L, tol_scale, elapsed, cost, history, success,
                 message) -> Result:
         final_theta, final_x = (prev[0], x_accepted) if prev is not None else (theta, x)
+        prev_theta, prev_loss, prev_grad, prev_eps = prev if prev is not None else (None,) * 4
         state = dict(method="HOAG", next_theta=theta, x=x, L=L, tol_scale=tol_scale,
                      tol0=self._tol0_used, estimator=self.estimator.warm_state(),
-                     elapsed=elapsed, cost=cost,
-                     prev_theta=None if prev is None else prev[0],
-                     prev_loss=None if prev is None else prev[1],
-                     prev_grad=None if prev is None else prev[2],
-                     prev_eps=None if prev is None else prev[3])
+                     elapsed=elapsed, cost=cost, prev_theta=prev_theta, prev_loss=prev_loss,
+                     prev_grad=prev_grad, prev_eps=prev_eps)
         params = (self.outer.trainable_parameters().items()
                   if hasattr(self.outer, "trainable_parameters") else [])
         return Result(theta={k_: v.detach().clone() for k_, v in final_theta.items()}, x=final_x,

@@ -49,7 +49,7 @@ import inspect
 import math
 import time
 import warnings
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Optional
 
 from torch import Tensor
 
@@ -58,7 +58,7 @@ from .history import History, Result
 from .hypergrad import outer_gradients
 from .linalg import batch_norm
 from .problem import (Bounds, InnerProblem, OuterLoss, Theta, check_theta, check_tolerance,
-                      project)
+                      project, theta_floats, theta_norm)
 from .solvers import METHODS, solve_inner
 
 __all__ = ["MAID"]
@@ -71,14 +71,6 @@ def _default_max_iter(method: str) -> Optional[int]:
         return None
     default = inspect.signature(fn).parameters["max_iter"].default
     return default if isinstance(default, int) else None
-
-
-def _theta_floats(theta: Theta) -> Dict[str, Any]:
-    return {k: (float(v) if v.numel() == 1 else v.detach().cpu().tolist()) for k, v in theta.items()}
-
-
-def _norm(d: Dict[str, Tensor]) -> float:
-    return math.sqrt(sum(float((v.double() ** 2).sum()) for v in d.values()))
 
 
 def _unit_interval(name: str, value: float, closed_right: bool = False) -> float:
@@ -203,9 +195,9 @@ class MAID:
         """``‖G_β(z)‖ = ‖θ − Π(θ − βz)‖/β`` (``= ‖z‖`` without bounds). ``Π`` is nonexpansive, so
         ``|‖G_β(z)‖ − ‖G_β(∇ℓ)‖| ≤ ‖z − ∇ℓ‖ ≤ ω``."""
         if self.bounds is None:
-            return _norm(z)
+            return theta_norm(z)
         trial = project({n: theta[n] - beta * z[n] for n in theta}, self.bounds)
-        return _norm({n: trial[n] - theta[n] for n in theta}) / beta
+        return theta_norm({n: trial[n] - theta[n] for n in theta}) / beta
 
     def run(self, theta0: Theta, batch: Any, x0: Optional[Tensor] = None) -> Result:
         """Run MAID from ``theta0`` on ``batch`` (``x0``: optional warm start of the inner solve)."""
@@ -341,7 +333,7 @@ class MAID:
                            line_search_coarse=None, line_search_cost=0,
                            tightenings=tightenings, inner_converged=state["inner_ok"],
                            cg_converged=state["cg_ok"], mu=hg.info["mu"],
-                           error_terms=dict(hg.info["terms"]), theta=_theta_floats(theta))
+                           error_terms=dict(hg.info["terms"]), theta=theta_floats(theta))
             record = history[-1]
             state.update(inner_it=0, cg_it=0, inner_ok=True, cg_ok=True)
             last_ok = (theta, sol.x)

@@ -38,6 +38,8 @@ __all__ = [
     "check_tolerance",
     "check_finite",
     "project",
+    "theta_norm",
+    "theta_floats",
 ]
 
 
@@ -85,6 +87,16 @@ def check_theta(theta: Mapping[str, Tensor], expected: Optional[Tuple[str, ...]]
             raise TypeError(f"theta[{k!r}] must be a torch.Tensor, got {type(v).__name__}")
         check_finite(f"theta[{k!r}]", v)
     return dict(theta)
+
+
+def theta_norm(d: Mapping[str, Tensor]) -> float:
+    """Euclidean norm ``sqrt(Σ_k ‖d[k]‖²)`` of a dict of tensors (θ or a hypergradient), in float64."""
+    return math.sqrt(sum(float((v.double() ** 2).sum()) for v in d.values()))
+
+
+def theta_floats(theta: Mapping[str, Tensor]) -> Dict[str, Any]:
+    """θ as plain Python numbers (scalars) or nested lists, for History records and JSON."""
+    return {k: (float(v) if v.numel() == 1 else v.detach().cpu().tolist()) for k, v in theta.items()}
 
 
 @dataclass
@@ -291,8 +303,7 @@ class Hypergradient:
 
     def norm(self) -> float:
         """Euclidean norm of the θ-part of the hypergradient."""
-        sq = sum(float((g.double() ** 2).sum()) for g in self.theta_grad.values())
-        return math.sqrt(sq)
+        return theta_norm(self.theta_grad)
 
 
 class HypergradientEstimator(ABC):

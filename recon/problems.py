@@ -102,14 +102,6 @@ class TVDenoising(InnerProblem):
         w, _, uh, uv, s = self._parts(x.detach(), theta)
         return (2 * (x.detach() - y) + w * forward_differences_adjoint(uh / s, uv / s)) / self._n(x)
 
-    def hvp(self, x: Tensor, theta: Theta, batch: Any, v: Tensor) -> Tensor:
-        w, _, uh, uv, s = self._parts(x, theta)
-        vh, vv = forward_differences(v)
-        inner = (uh * vh + uv * vv) / s ** 3
-        ph = vh / s - uh * inner
-        pv = vv / s - uv * inner
-        return (2 * v + w * forward_differences_adjoint(ph, pv)) / self._n(x)
-
     def linearize(self, x: Tensor, theta: Theta, batch: Any):
         """Products at a fixed ``(x, θ)`` with ``1/s`` and ``u/s^{3/2}`` computed once:
         ``Dv/s − u⟨u,Dv⟩/s³ = Dv·(1/s) − a⟨a, Dv⟩`` with ``a = u/s^{3/2}``."""
@@ -139,12 +131,10 @@ class TVDenoising(InnerProblem):
 
         return hvp, mixed
 
+    def hvp(self, x: Tensor, theta: Theta, batch: Any, v: Tensor) -> Tensor:
+        """``∇²ₓₓΦ v`` (see the class docstring); one product of :meth:`linearize`."""
+        return self.linearize(x, theta, batch)[0](v)
+
     def mixed_vjp(self, x: Tensor, theta: Theta, batch: Any, q: Tensor) -> Dict[str, Tensor]:
-        w, eps, uh, uv, s = self._parts(x, theta)
-        qh, qv = forward_differences(q)
-        uq = uh * qh + uv * qv
-        n = self._n(x)
-        g0 = w * (uq / s).sum() / n
-        g1 = -w * eps * (uq / s ** 3).sum() / (2 * n)
-        return {"log_weight": g0.reshape(theta["log_weight"].shape).to(theta["log_weight"].dtype),
-                "log_smoothing": g1.reshape(theta["log_smoothing"].shape).to(theta["log_smoothing"].dtype)}
+        """``(∇²_{xθ}Φ)ᵀ q`` (see the class docstring); one product of :meth:`linearize`."""
+        return self.linearize(x, theta, batch)[1](q)
