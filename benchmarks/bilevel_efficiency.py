@@ -125,11 +125,11 @@ def run(images=16, size=64, sigma=0.1, iters=60, max_cost=3000, unroll=30, seed=
              inner_method=INNER_METHOD, inner_max_iter=INNER_MAX_ITER).run(theta0, batch)))
     for schedule in ("geometric", "quadratic", "cubic"):
         timed(f"HOAG-{schedule}", lambda s=schedule: (lambda r: (r.history, r.message))(
-            HOAG(inner, outer, tolerance=s, tol0=eps0, tol_rate=0.9, max_iter=iters, bounds=BOUNDS,
+            HOAG(inner, outer, tolerance=s, max_iter=iters, bounds=BOUNDS,
                  inner_method=INNER_METHOD, inner_max_iter=INNER_MAX_ITER, callback=stop).run(theta0, batch)))
     for name, est in (("IFT-fixed", ImplicitCG()), ("Unrolled", Unrolled(n_steps=unroll))):
         timed(name, lambda e=est: (lambda r: (r.history, r.message))(
-            HOAG(inner, outer, estimator=e, tolerance="constant", tol0=eps0 / 100, max_iter=iters,
+            HOAG(inner, outer, estimator=e, tolerance="constant", tol0=1e-3, max_iter=iters,
                  bounds=BOUNDS, inner_method=INNER_METHOD, inner_max_iter=INNER_MAX_ITER,
                  callback=stop).run(theta0, batch)))
 

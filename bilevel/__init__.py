@@ -2,22 +2,24 @@
 
 ``x̂(θ) = argmin_x Φ(x; θ)`` (per sample) and ``min_θ ℓ(x̂(θ), θ)``; plug in an
 :class:`InnerProblem` and an :class:`OuterLoss`, pick a hypergradient estimator
-(:class:`ImplicitCG`, :class:`Unrolled`) and an outer loop (:class:`HOAG`).
+(:class:`ImplicitCG`, :class:`Unrolled`, :class:`AdaptiveInexact`) and an outer loop
+(:class:`HOAG`, :class:`MAID`).
 """
 from .history import History, Result, tolerance_schedule
 from .hoag import HOAG
 from .adaptive import AdaptiveInexact
 from .maid import MAID
 from .hypergrad import ImplicitCG, Unrolled
+from .implicit import implicit_vjp
 from .linalg import NonPositiveCurvatureError, batched_cg
-from .problem import (Bounds, Hypergradient, HypergradientEstimator, InnerProblem, OuterLoss,
-                      TaskOperator)
+from .problem import (Bounds, ErrorBound, Hypergradient, HypergradientEstimator, InnerProblem,
+                      OuterLoss)
 from .solvers import SolveResult, solve_inner
 
 __all__ = [
-    "HOAG", "ImplicitCG", "Unrolled", "InnerProblem", "OuterLoss", "TaskOperator",
-    "HypergradientEstimator", "Hypergradient", "Result", "History", "Bounds", "SolveResult",
-    "solve_inner", "batched_cg", "tolerance_schedule", "NonPositiveCurvatureError",
+    "HOAG", "MAID", "ImplicitCG", "Unrolled", "AdaptiveInexact", "InnerProblem", "OuterLoss",
+    "HypergradientEstimator", "Hypergradient", "ErrorBound", "Result", "History", "Bounds",
+    "SolveResult", "solve_inner", "batched_cg", "implicit_vjp", "tolerance_schedule",
+    "NonPositiveCurvatureError",
 ]
-__all__ += ["MAID", "AdaptiveInexact"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -53,24 +53,29 @@ are as good as the estimates -- on random smoothed-TV instances (``tests/test_ma
 hypothesis examples in a stress run) ``ω`` was 2--200× and ``a`` 1.00003--1.2× the true error,
 never below it. Use float64: the bounds read residuals that float32 cannot resolve.
 
-For :class:`recon.problems.TVDenoising` the objective is normalised by ``n = C·H·W`` (means
-over pixels), so its data term ``mean (x − y)²`` gives ``μ = 2/n`` -- the "``μ = 2`` from the data
-term" of an unnormalised ``‖x − y‖²``.
+``μ`` follows the problem's own normalisation: an objective written as a mean over ``n``
+entries has a ``μ`` that is ``n`` times smaller than the same objective written as a sum.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .hypergrad import outer_gradients
-from .linalg import HessianOperator, batch_norm, batched_cg
-from .problem import (Hypergradient, HypergradientEstimator, InnerProblem, OuterLoss, Theta,
-                      check_tolerance)
+from .implicit import implicit_vjp, relative_cg_tolerance
+from .linalg import HessianOperator, batch_norm
+from .problem import (ErrorBound, Hypergradient, HypergradientEstimator, InnerProblem, OuterLoss,
+                      Theta, check_tolerance)
 
-__all__ = ["AdaptiveInexact", "LIPSCHITZ_KEYS", "resolve_strong_convexity"]
+__all__ = ["AdaptiveInexact", "LIPSCHITZ_KEYS", "NotStronglyConvexError", "resolve_strong_convexity"]
+
+
+class NotStronglyConvexError(ValueError):
+    """The inner problem reports no strong-convexity constant ``μ > 0`` at this ``(θ, batch)``."""
 
 #: names of the Lipschitz constants in the bound (see the module docstring)
 LIPSCHITZ_KEYS = ("outer_x", "outer_theta", "hessian", "mixed")
@@ -106,7 +111,8 @@ def resolve_strong_convexity(inner: InnerProblem, theta: Theta, batch: Any, mu: 
     except (TypeError, ValueError):
         raise TypeError(f"{source} must be a real number, got {value!r}") from None
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{source} must be a finite positive number (strong convexity), got {value!r}")
+        raise NotStronglyConvexError(f"{source} must be a finite positive number (strong "
+                                     f"convexity), got {value!r}")
     return value
 
 
@@ -168,6 +174,20 @@ def _mixed_gram_norm(inner: InnerProblem, x: Tensor, theta: Theta, batch: Any, c
 
 
 
+@dataclass
+class _PendingProbe:
+    """Quantities at ``(θ, x̃)`` kept by a call with ``error_bound=False`` so that
+    :meth:`AdaptiveInexact.complete` can refresh the Lipschitz estimates without recomputing."""
+
+    outer: Any
+    residual_vector: Tensor
+    gx: Tensor
+    gtheta: Theta
+    q: Tensor
+    hessian: HessianOperator
+    mixed: Theta
+
+
 class AdaptiveInexact(HypergradientEstimator):
     """The :class:`~bilevel.ImplicitCG` hypergradient at inner accuracy ``ε`` and CG accuracy ``δ``,
     with the a-posteriori error bounds ``ω ≥ ‖z − ∇ℓ(θ)‖`` and ``a ≥ |ℓ(x̃) − ℓ(x̂)|`` of the
@@ -177,11 +197,12 @@ class AdaptiveInexact(HypergradientEstimator):
     the per-sample residual ``tol`` (= ``δ``; warm-started from the previous ``q``), returns
     ``z = ∇_θℓ − (∇²_{xθ}Φ)ᵀq`` and sets :attr:`Hypergradient.error_bound` to ``ω``. The inner
     accuracy is read a posteriori from ``x`` itself (``r_b = ‖∇ₓΦ_b(x_b)‖``), so ``x`` may come from
-    any solver and any tolerance. ``info`` holds ``loss_error_bound`` (``a``), ``mu``,
-    ``x_error_bound`` (``ē``), ``mixed_norm`` (``‖B‖``), ``terms`` (each summand of ``ω``),
-    ``lipschitz`` (the constants used), ``cg_residual`` / ``inner_residual`` (per sample) and
-    ``bound_products`` (gradient, Hessian and mixed products spent on the bounds; they are
-    included in ``cg_iterations`` so that cost counts stay honest).
+    any solver and any tolerance. :attr:`Hypergradient.bound` is the typed
+    :class:`~bilevel.problem.ErrorBound` record: ``loss`` (``a``), ``grad`` (``ω``), ``mu``,
+    ``x_error`` (``ē``), ``mixed_norm`` (``‖B‖``), ``terms`` (each summand of ``ω``),
+    ``lipschitz`` (the constants used), per-sample residuals and ``products`` (gradient, Hessian
+    and mixed products spent on the bounds; they are included in ``cg_iterations`` so that cost
+    counts stay honest).
 
     With ``error_bound=False`` only ``z``, ``ℓ`` and ``a`` are computed (no ``‖B‖``, no new
     Lipschitz probe; ``error_bound`` is ``None``); :meth:`complete` adds ``ω`` later. MAID uses
@@ -304,9 +325,11 @@ class AdaptiveInexact(HypergradientEstimator):
                                 torch.ones_like(rv) / math.sqrt(rv[0].numel()))
         return h.view(view) * direction
 
-    def _probe(self, inner, outer, theta, batch, x, rv, r, mu, gx, gth, q, H, mixed) -> int:
+    def _probe(self, inner, theta, batch, x, r, mu, p: _PendingProbe) -> int:
         """Secant estimates of the Lipschitz constants between ``x̃`` and the probe point;
         returns the number of Hessian / mixed products used."""
+        outer, rv, gx, gth, q, H, mixed = (p.outer, p.residual_vector, p.gx, p.gtheta, p.q,
+                                           p.hessian, p.mixed)
         names = list(gth)
         step = self._probe_step(x, rv, r, mu)
         xp = x - step
@@ -338,7 +361,8 @@ class AdaptiveInexact(HypergradientEstimator):
         return lead + rest + 0.5 * L_l * e_bar ** 2
 
     def __call__(self, inner: InnerProblem, outer: OuterLoss, theta: Theta, batch: Any,
-                 x: Tensor, tol: float, error_bound: bool = True) -> Hypergradient:
+                 x: Tensor, tol: float, relative: bool = False,
+                 error_bound: bool = True) -> Hypergradient:
         tol = check_tolerance("tol", tol, allow_zero=True)
         inner.check(x, theta, batch)
         mu = self._mu(inner, theta, batch)
@@ -348,75 +372,74 @@ class AdaptiveInexact(HypergradientEstimator):
         r = batch_norm(rv).double()
         loss, gx, gth, gp = outer_gradients(outer, x, theta, batch)
         H = HessianOperator(inner, x, theta, batch, mode=self.hessian)
-        q0 = self._q if (self.warm_start and self._q is not None and self._q.shape == gx.shape
-                         and self._q.dtype == gx.dtype) else None
-        cg = batched_cg(H.hvp, gx, x0=q0, tol=tol, rtol=self.rtol, max_iter=self.max_iter)
-        q = cg.x.detach()
+        abs_tol = relative_cg_tolerance(gx, tol) if relative else tol
+        res = implicit_vjp(H.hvp, H.mixed_vjp, gx, gth, abs_tol, q0=self._warm(gx),
+                           max_iter=self.max_iter, rtol=self.rtol)
+        q, cg = res.q, res.cg
         self._q = q
-        mixed = H.mixed_vjp(q)
-        names = list(gth)
-        grad = {k: gth[k] - mixed[k] for k in names}
+        mixed = res.mixed
         products = 1  # the inner gradient at x̃ (the residual vector)
+        pending = _PendingProbe(outer, rv, gx, gth, q, H, mixed)
         if self._needs_probe():  # first call: the loss bound below needs L_A and L_ℓ already
-            products += self._probe(inner, outer, theta, batch, x, rv, r, mu, gx, gth, q, H, mixed)
-            probed = True
-        else:
-            probed = False
+            products += self._probe(inner, theta, batch, x, r, mu, pending)
+            pending = None
         rho = cg.residual.detach().double()
-        e = r / mu
-        hg = Hypergradient(
-            loss=float(loss), theta_grad=grad, param_grads=gp,
-            cg_iterations=cg.max_iterations + products, cg_converged=cg.all_converged,
-            error_bound=None,
-            info={"loss_error_bound": self._dwr_bound(r, rv, q, rho, mu), "mu": mu,
-                  "x_error_bound": float(e.norm()), "cg_residual": rho, "inner_residual": r,
-                  "outer_x_grad_norm": batch_norm(gx).double(),
-                  "cg_iterations_per_sample": cg.iterations, "bound_products": products,
-                  "hvp_count": H.n_hvp, "hessian_closed": H.closed,
-                  "_state": None if probed else (outer, rv, gx, gth, q, H, mixed)})
+        bound = ErrorBound(loss=self._dwr_bound(r, rv, q, rho, mu), mu=mu,
+                           x_error=float((r / mu).norm()), inner_residual=r, cg_residual=rho,
+                           outer_x_grad_norm=batch_norm(gx).double(), products=products,
+                           hessian_closed=H.closed, pending=pending)
+        hg = Hypergradient(loss=float(loss), theta_grad=res.grad, param_grads=gp,
+                           cg_iterations=cg.max_iterations + products, cg_converged=cg.all_converged,
+                           error_bound=None, bound=bound, adjoint=q,
+                           info={"cg_iterations_per_sample": cg.iterations, "hvp_count": H.n_hvp})
         if error_bound:
             self.complete(inner, theta, batch, x, hg)
         return hg
 
     def complete(self, inner: InnerProblem, theta: Theta, batch: Any, x: Tensor,
                  hg: Hypergradient) -> Hypergradient:
-        """Fill ``hg.error_bound`` (``ω``) and ``hg.info["terms"]`` for a hypergradient computed
-        by this estimator with ``error_bound=False`` at the same ``(θ, x)``: refresh the running
-        Lipschitz estimates by a probe at ``x`` (unless the call already probed), compute ``‖B‖``
-        and ``ω``. Adds the products used to ``hg.cg_iterations`` (and to
-        ``info["bound_products"]``). Returns ``hg``."""
+        """Fill ``hg.error_bound`` (``ω``) and ``hg.bound`` for a hypergradient computed by this
+        estimator with ``error_bound=False`` at the same ``(θ, x)``: refresh the running
+        Lipschitz estimates by a probe at ``x`` (every ``probe_every``-th bound, unless the call
+        already probed), compute ``‖B‖`` and ``ω``. Adds the products used to
+        ``hg.cg_iterations`` (and to ``bound.products``). Returns ``hg``."""
         if hg.error_bound is not None:
             return hg
-        info = hg.info
-        mu = info["mu"]
+        if hg.bound is None:
+            raise ValueError("complete() needs a Hypergradient computed by AdaptiveInexact "
+                             "(its bound record is None)")
+        b = hg.bound
         x = x.detach()
         theta = {k: v.detach() for k, v in theta.items()}
-        state = info.pop("_state", None)
+        pending, b.pending = b.pending, None
         nprobe = 0
         self._since_probe += 1
-        if state is not None and self._since_probe >= self.probe_every:
+        if pending is not None and self._since_probe >= self.probe_every:
             self._since_probe = 0
-            outer, rv, gx, gth, q, H, mixed = state
-            nprobe = self._probe(inner, outer, theta, batch, x, rv, info["inner_residual"], mu,
-                                 gx, gth, q, H, mixed)
-        B_norm, nprod = _mixed_gram_norm(inner, x, theta, batch, closed=info["hessian_closed"],
+            nprobe = self._probe(inner, theta, batch, x, b.inner_residual, b.mu, pending)
+        B_norm, nprod = _mixed_gram_norm(inner, x, theta, batch, closed=b.hessian_closed,
                                          max_exact_dim=self.max_exact_dim)
-        e = info["inner_residual"] / mu
+        b.terms = self._omega_terms(b, B_norm)
+        b.grad = float(sum(b.terms.values()))
+        b.mixed_norm = B_norm
+        b.lipschitz = {k: self.lipschitz(k) for k in LIPSCHITZ_KEYS}
+        b.products += nprod + nprobe
+        hg.error_bound = b.grad
+        hg.cg_iterations += nprod + nprobe
+        return hg
+
+    def _omega_terms(self, b: ErrorBound, B_norm: float) -> Dict[str, float]:
+        """The summands of ``ω`` (module docstring) from the record ``b`` and ``‖B‖``."""
+        mu = b.mu
+        e = b.inner_residual / mu
         e_bar = float(e.norm())
-        gn = info["outer_x_grad_norm"]
         L_l, L_lt = self.lipschitz("outer_x"), self.lipschitz("outer_theta")
         L_A, L_B = self.lipschitz("hessian"), self.lipschitz("mixed")
-        Q = (gn + L_l * e_bar) / mu
-        terms = {
+        Q = (b.outer_x_grad_norm + L_l * e_bar) / mu
+        return {
             "outer_theta": L_lt * e_bar,
-            "cg": B_norm * float(info["cg_residual"].norm()) / mu,
+            "cg": B_norm * float(b.cg_residual.norm()) / mu,
             "outer_x": B_norm * L_l * e_bar / mu,
             "hessian": B_norm * L_A * float((e * Q).norm()) / mu,
             "mixed": L_B * float((e * Q).sum()),
         }
-        hg.error_bound = float(sum(terms.values()))
-        hg.cg_iterations += nprod + nprobe
-        info.update(terms=terms, mixed_norm=B_norm,
-                    lipschitz={k: self.lipschitz(k) for k in LIPSCHITZ_KEYS},
-                    bound_products=info["bound_products"] + nprod + nprobe)
-        return hg

@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 from torch import Tensor
 
-__all__ = ["History", "Result", "tolerance_schedule", "SCHEDULES"]
+__all__ = ["History", "Result", "tolerance_schedule", "SCHEDULES", "check_writable"]
 
 
 class History:
@@ -77,6 +77,21 @@ class History:
         return ax
 
 
+def check_writable(path, name: str = "checkpoint") -> None:
+    """Fail early (``ValueError`` naming ``name``) when ``path`` cannot be a file: it is a
+    directory, or a parent of it is an existing file."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path (str or os.PathLike), got {type(path).__name__}")
+    full = os.path.abspath(os.fspath(path))
+    if os.path.isdir(full):
+        raise ValueError(f"{name} {os.fspath(path)!r} is a directory; give a file path")
+    parent = os.path.dirname(full)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""
+    if parent and not os.path.isdir(parent):
+        raise ValueError(f"{name} {os.fspath(path)!r}: its parent {parent!r} is a file, not a folder")
+
+
 def save_figure(fig, path: str) -> None:
     """Write a matplotlib figure atomically (temporary file in the same folder, then rename)."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -96,9 +111,12 @@ def save_figure(fig, path: str) -> None:
 class Result:
     """Outcome of an outer loop, after ``scipy.optimize.OptimizeResult``.
 
-    ``theta`` the final hyperparameters, ``x`` the inner solution at ``theta``, ``history`` the
-    per-iteration records, ``success``/``message`` why it stopped, ``n_iter`` outer iterations,
-    ``params`` the outer loss' trainable parameters (if any) by name.
+    ``theta`` the final hyperparameters (the last accepted iterate), ``x`` the inner solution at
+    ``theta``, ``history`` the per-iteration records, ``success``/``message`` why it stopped,
+    ``n_iter`` outer iterations, ``params`` the outer loss' trainable parameters (if any) by
+    name. ``best_theta``/``best_x``/``best_loss``/``best_iteration``: the accepted iterate with
+    the lowest upper loss (as computed at the accuracy used there); ``last_theta`` the last
+    point the loop tried (accepted or not).
     """
 
     theta: Dict[str, Tensor]
@@ -110,21 +128,32 @@ class Result:
     params: Dict[str, Tensor] = field(default_factory=dict)
     #: what an outer loop needs to continue this run (``HOAG.run(..., resume=result)``)
     state: Dict[str, Any] = field(default_factory=dict)
+    best_theta: Optional[Dict[str, Tensor]] = None
+    best_x: Optional[Tensor] = None
+    best_loss: float = math.nan
+    best_iteration: Optional[int] = None
+    last_theta: Optional[Dict[str, Tensor]] = None
+
+    _FIELDS = ("theta", "x", "history", "success", "message", "n_iter", "params", "state",
+               "best_theta", "best_x", "best_loss", "best_iteration", "last_theta")
 
     def save(self, path: str) -> None:
         """Write the result atomically (temporary file + rename) with ``torch.save``; only
         tensors, numbers, strings, lists and dicts are stored, so :meth:`load` can use
         ``torch.load(..., weights_only=True)``."""
         import torch
-        payload = {"theta": self.theta, "x": self.x, "history": self.history.records,
-                   "success": self.success, "message": self.message, "n_iter": self.n_iter,
-                   "params": self.params, "state": self.state}
+        payload = {k: getattr(self, k) for k in self._FIELDS}
+        payload["history"] = self.history.records
+        payload["format"] = "bilevel.Result/1"
+        check_writable(path, "path")
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=folder)
-        os.close(fd)
         try:
-            torch.save(payload, tmp)
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(payload, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -132,11 +161,26 @@ class Result:
 
     @classmethod
     def load(cls, path: str) -> "Result":
-        """Read a result written by :meth:`save` (``weights_only=True``: nothing is unpickled)."""
+        """Read a result written by :meth:`save` (``weights_only=True``: nothing is unpickled).
+
+        Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for an
+        empty, corrupt or foreign one."""
         import torch
-        d = torch.load(path, map_location="cpu", weights_only=True)
-        return cls(theta=d["theta"], x=d["x"], history=History(d["history"]), success=d["success"],
-                   message=d["message"], n_iter=d["n_iter"], params=d["params"], state=d["state"])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no Result checkpoint at {path!r}")
+        if os.path.getsize(path) == 0:
+            raise ValueError(f"Result checkpoint {path!r} is empty (an interrupted write?)")
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # corrupt zip, truncated file, forbidden pickle content
+            raise ValueError(f"Result checkpoint {path!r} is corrupt or not a bilevel Result "
+                             f"({type(exc).__name__}: {str(exc)[:200]})") from None
+        if not isinstance(d, dict) or d.get("format") != "bilevel.Result/1":
+            raise ValueError(f"{path!r} is not a bilevel Result checkpoint (written by "
+                             f"Result.save); found {type(d).__name__}")
+        kwargs = {k: d[k] for k in cls._FIELDS if k in d}
+        kwargs["history"] = History(d["history"])
+        return cls(**kwargs)
 
     @property
     def upper_loss(self) -> float:

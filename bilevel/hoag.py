@@ -1,242 +1,323 @@
-"""HOAG: hyperparameter optimisation with approximate gradient (Pedregosa, ICML 2016).
+"""HOAG: hyperparameter optimisation with approximate gradient (Pedregosa, ICML 2016), with a
+scale-free accuracy rule and a sufficient-decrease step rule.
 
-Outer iteration ``k`` (Figure 2.1 of the reference):
+Scale-free accuracies (relative, as in the original HOAG's ``ε_k‖∇Φ(x⁰)‖``): at iteration ``k``
+with the relative accuracy ``ε_k = max(s·schedule(k), tol_min)`` (``s`` halves after every
+rejected step),
 
-1. solve the inner problem to ``‖∇ₓΦ_b‖ ≤ ε_k`` per sample, warm-started from the last ``x``;
-2. compute the hypergradient ``g_k`` with CG to residual ``ε_k``, warm-started from the last ``q``;
-3. adaptive step ``θ_{k+1} = Π(θ_k − g_k / L_k)`` (``Π`` the projection onto the bounds), where
-   the Lipschitz estimate ``L_k`` is adapted from the observed upper loss:
+* the inner problem is solved to ``max_b ‖∇ₓΦ_b‖ ≤ ε_k · R``, ``R = max_b ‖∇ₓΦ_b(x⁰; θ₀)‖`` at
+  the problem's initial point;
+* CG on ``∇²ₓₓΦ q = ∇ₓℓ`` stops per sample at ``‖r_b‖ ≤ ε_k · max(‖(∇ₓℓ)_b‖, 10⁻³ max‖∇ₓℓ‖)``.
 
-   * **accept, grow the step** if ``ℓ_k ≤ ℓ_{k−1} + C ε_k + ε_{k−1}(C + 1/L)‖g_{k−1}‖ − ‖g_{k−1}‖²/(2L)``
-     (an inexact sufficient-decrease test; ``L ← L / grow``);
-   * **reject** if ``ℓ_k > ℓ_{k−1} + reject_ratio·|ℓ_{k−1}|``: return to ``θ_{k−1}``,
-     ``L ← 2L`` and halve all later tolerances;
-   * otherwise **accept, shrink the step** (``L ← shrink·L``).
+Multiplying Φ by ``a`` and ℓ by ``c`` scales every tolerance with the quantity it bounds, so the
+iterates do not change (up to round-off).
+
+Step rule (projected gradient with an Armijo test, no cycling at an optimum): from the accepted
+``θ_k`` with upper loss ``ℓ_k`` and hypergradient ``g_k``, try ``θ⁺ = Π(θ_k − α g_k)`` (``Π`` the
+projection onto the bounds); solve the inner problem there and accept when
+
+.. math::
+
+    \\ell(\\theta^+) \\le \\ell_k - c_1 \\langle g_k, \\theta_k - \\theta^+\\rangle
+    + 16\\,\\epsilon_{\\text{mach}} |\\ell_k| .
+
+Accepted: compute ``g⁺``, then ``α ← grow·α`` (not right after a rejection). Rejected (the test
+failed, or the inner solve failed: non-convergence, non-positive curvature, non-finite values):
+``α ← shrink·α``; after a failed test also ``s ← s/2`` and ``ℓ_k``, ``g_k`` are recomputed at the
+tighter accuracy. On a quadratic, ``c₁ = ½`` accepts only ``α ≤ 1/h``: the iterates approach the
+optimum monotonically and stay there. The first step is ``α₀ = 1/‖g₀‖`` (a move of length 1)
+unless ``step_size`` is given.
+
+Stopping (``success=True``): ``‖G(g_k)‖ ≤ gtol·‖G(g_0)‖`` (``G`` the projected-gradient
+mapping; ``= g`` without bounds), or the next proposed move is below
+``xtol·(1 + ‖θ_k‖)`` after a failed decrease test (nothing measurable is left to gain). The run
+fails (``success=False``, with a warning) when the inner problem fails at every step down to that
+size, or is not finite at an accepted point.
 """
 from __future__ import annotations
 
 import math
-import time
-import warnings
+from dataclasses import dataclass, replace as dataclasses_replace
 from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 from torch import Tensor
 
-from .history import History, Result, tolerance_schedule
-from .hypergrad import ImplicitCG, outer_gradients
-from .linalg import batch_norm
+from .history import tolerance_schedule
+from .hypergrad import ImplicitCG
+from .linalg import NonPositiveCurvatureError, batch_norm
+from .outer import LoopState, OuterLoop
 from .problem import (Bounds, HypergradientEstimator, InnerProblem, OuterLoss, Theta,
-                      check_theta, check_tolerance, project, theta_floats, theta_norm)
-from .solvers import solve_inner
+                      check_tolerance, project, theta_axpy, theta_distance, theta_dot,
+                      theta_floats, theta_norm, theta_sub)
 
-__all__ = ["HOAG"]
+__all__ = ["HOAG", "HOAGState"]
+
+_EPS = 2.220446049250313e-16
 
 
-class HOAG:
-    """HOAG outer loop.
+@dataclass
+class HOAGState(LoopState):
+    """HOAG's state: ``loss``/``grad``/``gnorm`` at the accepted ``theta`` (``grad`` is ``None``
+    until evaluated), ``q`` the adjoint there, ``closs`` the dual-corrected loss
+    ``ℓ − ⟨q, ∇ₓΦ⟩`` and ``unc`` the size of that correction, ``g0`` the first projected-gradient norm, ``step`` the current ``α``,
+    ``tol_scale`` the factor ``s``, ``inner_ref`` the scale ``R``, ``rejected_last`` whether the
+    last trial was rejected, ``last_failure`` why it was."""
+
+    loss: float = math.nan
+    grad: Optional[Theta] = None
+    gnorm: float = math.nan
+    g0: Optional[float] = None
+    step: Optional[float] = None
+    tol_scale: float = 1.0
+    inner_ref: float = 1.0
+    rejected_last: bool = False
+    last_failure: Optional[str] = None
+    q: Optional[Tensor] = None
+    closs: float = math.nan
+    unc: float = 0.0
+
+
+class HOAG(OuterLoop):
+    """HOAG outer loop (see the module docstring for the rules in formulas).
 
     Parameters
     ----------
     inner, outer: the lower-level problem and upper loss.
-    estimator: hypergradient estimator (default :class:`~bilevel.ImplicitCG`).
+    estimator: hypergradient estimator (default :class:`~bilevel.ImplicitCG`); it is called with
+        a relative CG tolerance.
     tolerance: ``"geometric"``, ``"quadratic"``, ``"cubic"``, ``"constant"`` or ``k ↦ ε_k``.
-    tol0, tol_rate, tol_min: schedule parameters (see :func:`bilevel.history.tolerance_schedule`).
-        ``tol0=None`` (default) scales ε₀ to the problem: ``0.1·min(max_b‖∇ₓΦ_b(x⁰)‖,
-        max_b‖(∇ₓℓ(x⁰))_b‖)`` at the initial point, so that neither the inner solve nor CG is
-        satisfied before it starts (an absolute ε₀ above ‖∇ₓℓ‖ would make CG return q = 0).
-    max_iter: number of outer iterations.
-    step_size: initial step ``1/L₀``; ``None`` uses ``1/‖g₀‖`` (first move of length 1).
-    bounds: :class:`~bilevel.Bounds` on θ (projected after each step).
+    tol0, tol_rate: relative first accuracy ``ε₀`` (default ``0.1``) and geometric rate.
+    tol_min: floor of the relative accuracy (``None``: ``1e-10`` in float64, ``1e-5`` in float32).
+    max_iter: outer iterations (trials, accepted or not).
+    step_size: initial step ``α₀``; ``None`` uses ``1/‖g₀‖``.
+    c1, grow, shrink: the sufficient-decrease constant and the step factors.
+    gtol, xtol: the stopping tolerances (relative; ``0`` disables each).
+    bounds: :class:`~bilevel.Bounds` on θ.
     inner_method, inner_max_iter: generic inner solver and its cap when the problem has no own.
-    param_optimizer: a ``torch.optim`` optimiser over ``outer.trainable_parameters()``; when
-        given, those parameters (fine-tuned task layers) take a step with ``∇_φℓ`` after every
-        accepted outer iteration.
-    slack: the constant ``C`` of the acceptance test.
-    gtol: stop with success when ``‖g_k‖ ≤ gtol`` (``0``: never stop early).
-    callback: called as ``callback(record, theta)`` after every iteration; returning ``True`` stops.
-    progress: show a tqdm progress bar with the upper loss.
+    param_optimizer: a ``torch.optim`` optimiser over ``outer.trainable_parameters()`` (e.g.
+        fine-tuned task layers); they take a step with ``∇_φℓ`` after every accepted iterate.
+    callback: ``callback(record, theta)`` after every iteration; returning ``True`` stops.
+    progress: show a tqdm progress bar.
     checkpoint: path of a :class:`~bilevel.Result` written atomically after every iteration;
-        an interrupted run continues with ``run(theta0, batch, resume=Result.load(path))``.
+        continue an interrupted run with ``run(theta0, batch, resume=Result.load(path))``.
+
+    History keys: ``iteration, upper_loss`` (at the point tried), ``grad_norm`` (at the accepted
+    point), ``tol`` (``ε_k``), ``inner_tol``, ``inner_iterations, cg_iterations, seconds,
+    elapsed, cost, step_size, accepted, reason`` (why a trial was rejected), ``inner_converged,
+    cg_converged, theta`` (the point tried).
     """
+
+    name = "HOAG"
+    State = HOAGState
 
     def __init__(self, inner: InnerProblem, outer: OuterLoss,
                  estimator: Optional[HypergradientEstimator] = None,
-                 tolerance: Union[str, Callable[[int], float]] = "geometric", tol0: Optional[float] = None,
-                 tol_rate: float = 0.9, tol_min: float = 1e-12, max_iter: int = 30,
-                 step_size: Optional[float] = None, bounds: Optional[Bounds] = None,
-                 inner_method: str = "newton-cg", inner_max_iter: Optional[int] = None,
-                 param_optimizer: Optional[torch.optim.Optimizer] = None, slack: float = 1.0,
-                 grow: float = 1.1, shrink: float = 1.5, reject_ratio: float = 0.2,
-                 gtol: float = 0.0, callback: Optional[Callable] = None, progress: bool = False,
+                 tolerance: Union[str, Callable[[int], float]] = "geometric", tol0: float = 0.1,
+                 tol_rate: float = 0.9, tol_min: Optional[float] = None, max_iter: int = 100,
+                 step_size: Optional[float] = None, c1: float = 0.5, grow: float = 1.2,
+                 shrink: float = 0.5, gtol: float = 1e-6, xtol: float = 1e-8,
+                 bounds: Optional[Bounds] = None, inner_method: str = "newton-cg",
+                 inner_max_iter: Optional[int] = None,
+                 param_optimizer: Optional[torch.optim.Optimizer] = None,
+                 callback: Optional[Callable] = None, progress: bool = False,
                  checkpoint: Optional[str] = None):
-        if not isinstance(inner, InnerProblem):
-            raise TypeError(f"inner must be an InnerProblem, got {type(inner).__name__}")
-        if not callable(outer):
-            raise TypeError(f"outer must be callable (an OuterLoss), got {type(outer).__name__}")
-        if not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
-        if step_size is not None:
-            check_tolerance("step_size", step_size)
-        self.inner, self.outer = inner, outer
-        self.estimator = estimator if estimator is not None else ImplicitCG()
-        self.tolerance, self.tol0, self.tol_rate, self.tol_min = tolerance, tol0, tol_rate, tol_min
-        tolerance_schedule(tolerance, 1.0 if tol0 is None else tol0, tol_rate, tol_min)  # validate
-        self.max_iter, self.step_size, self.bounds = max_iter, step_size, bounds
-        self.inner_method, self.inner_max_iter = inner_method, inner_max_iter
-        self.param_optimizer = param_optimizer
-        self.slack = check_tolerance("slack", slack, allow_zero=True)
-        self.grow, self.shrink, self.reject_ratio = grow, shrink, reject_ratio
+        estimator = estimator if estimator is not None else ImplicitCG()
+        if not isinstance(estimator, HypergradientEstimator):
+            raise TypeError(f"estimator must be a HypergradientEstimator, got {type(estimator).__name__}")
+        super().__init__(inner, outer, estimator, max_iter=max_iter, bounds=bounds,
+                         inner_method=inner_method, inner_max_iter=inner_max_iter,
+                         param_optimizer=param_optimizer, callback=callback, progress=progress,
+                         checkpoint=checkpoint)
+        self.schedule = tolerance_schedule(tolerance, check_tolerance("tol0", tol0), tol_rate, 0.0)
+        self.tol_min = None if tol_min is None else check_tolerance("tol_min", tol_min)
+        self.step_size = None if step_size is None else check_tolerance("step_size", step_size)
+        self.c1 = check_tolerance("c1", c1)
+        if not self.c1 < 1:
+            raise ValueError(f"c1 must lie in (0, 1), got {c1!r}")
+        self.grow = check_tolerance("grow", grow)
+        self.shrink = check_tolerance("shrink", shrink)
+        if self.grow < 1 or not self.shrink < 1:
+            raise ValueError(f"need grow ≥ 1 and 0 < shrink < 1, got grow={grow!r}, shrink={shrink!r}")
         self.gtol = check_tolerance("gtol", gtol, allow_zero=True)
-        self.callback, self.progress = callback, progress
-        self.checkpoint = checkpoint
+        self.xtol = check_tolerance("xtol", xtol, allow_zero=True)
 
-    # ------------------------------------------------------------------------------------------
-    def _apply_param_grads(self, grads: Dict[str, Tensor]) -> None:
-        if self.param_optimizer is None or not grads:
-            return
-        params = self.outer.trainable_parameters()
-        for name, g in grads.items():
-            params[name].grad = g.detach().clone()
-        self.param_optimizer.step()
-        self.param_optimizer.zero_grad(set_to_none=True)
+    # ----- accuracies -------------------------------------------------------------------------
+    def _eps(self, st: HOAGState, dtype: torch.dtype) -> float:
+        floor = self.tol_min if self.tol_min is not None else (1e-10 if dtype == torch.float64 else 1e-5)
+        return max(self.schedule(st.k) * st.tol_scale, floor)
 
-    def _scaled_tol0(self, theta: Theta, batch: Any, x0: Optional[Tensor]) -> float:
-        x = self.inner.init(theta, batch) if x0 is None else x0
-        g_inner = batch_norm(self.inner.grad(x, theta, batch)).max()
-        _, gx, _, _ = outer_gradients(self.outer, x, theta, batch)
-        g_outer = batch_norm(gx).max()
-        scales = [float(v) for v in (g_inner, g_outer) if float(v) > 0 and math.isfinite(float(v))]
-        return 0.1 * min(scales) if scales else 1e-8
+    def _start(self, theta: Theta, batch: Any, x0: Optional[Tensor]) -> HOAGState:
+        x_init = self.inner.init(theta, batch)
+        ref = float(batch_norm(self.inner.grad(x_init, theta, batch)).max())
+        if not (math.isfinite(ref) and ref > 0):  # x⁰ is already optimal: scale by ‖x⁰‖ instead
+            ref = float(batch_norm(x_init).max()) or 1.0
+        return HOAGState(theta=theta, x=None if x0 is None else x0.detach().clone(),
+                         inner_ref=ref, step=self.step_size)
 
-    def run(self, theta0: Theta, batch: Any, x0: Optional[Tensor] = None,
-            resume: Optional[Result] = None) -> Result:
-        """Run HOAG from ``theta0`` on ``batch`` (``x0``: optional warm start of the inner solve).
+    # ----- one iteration ----------------------------------------------------------------------
+    def _iterate(self, st: HOAGState, batch: Any) -> Dict[str, Any]:
+        dtype = st.x.dtype if st.x is not None else next(iter(st.theta.values())).dtype
+        eps = self._eps(st, dtype)
+        if st.grad is None:  # first iteration (or a resume): evaluate at the accepted point
+            rec = self._evaluate(st, batch, eps)
+            self._check_stop(st)
+            return rec
+        alpha = st.step
+        trial = project(theta_axpy(-alpha, st.grad, st.theta), self.bounds)
+        st.last_theta = trial
+        sol, reason = self._solve(st, trial, batch, eps * st.inner_ref, st.x)
+        f_trial = unc = math.nan
+        hg = None
+        if reason is None:
+            f_trial = self._upper_loss(sol.x, trial, batch)
+            reason, unc, hg = self._decrease_test(st, sol, trial, batch, f_trial, eps, dtype)
+        base = dict(upper_loss=f_trial, loss_correction=unc, tol=eps, inner_tol=eps * st.inner_ref,
+                    step_size=alpha, inner_iterations=0 if sol is None else sol.max_iterations,
+                    inner_converged=sol is not None and sol.all_converged, theta=theta_floats(trial))
+        if reason is None and hg is None:
+            hg, reason = self._trial_hypergradient(st, trial, sol.x, batch, eps)
+        if reason is None:
+            st.theta, st.x = trial, sol.x
+            self._install(st, hg, batch)
+            rec = self._accepted_record(st, hg, eps, 0, True)
+            st.step = alpha if st.rejected_last else alpha * self.grow
+            st.rejected_last, st.last_failure = False, None
+            rec.update(base, upper_loss=rec["upper_loss"], accepted=True, reason=None)
+        elif reason == "loss not resolved":  # tighter accuracy, same step: re-evaluate θ_k
+            rec = dict(base, grad_norm=st.gnorm, cg_iterations=0, cg_converged=None,
+                       accepted=False, reason=reason)
+            again = self._evaluate(st, batch, self._eps(st, dtype))
+            rec["inner_iterations"] += again["inner_iterations"]
+            rec["cg_iterations"] = again["cg_iterations"]
+        else:  # a real step failure: shorter step
+            st.step, st.rejected_last, st.last_failure = alpha * self.shrink, True, reason
+            rec = dict(base, grad_norm=st.gnorm, cg_iterations=0, cg_converged=None,
+                       accepted=False, reason=reason)
+        self._check_stop(st)
+        return rec
 
-        ``resume``: a :class:`~bilevel.Result` of an earlier (interrupted) run of the same problem;
-        the run continues where it stopped, up to ``max_iter`` iterations in all, with its step
-        size, tolerance scale, last accepted iterate and History.
-        """
-        theta = check_theta(theta0, self.inner.theta_names)
-        if self.bounds is not None:
-            self.bounds.check_names(theta)
-        theta = project(theta, self.bounds)
-        self.estimator.reset()
-        history = History()
-        x = x0
-        L = None if self.step_size is None else 1.0 / self.step_size
-        tol_scale = 1.0
-        prev = None  # (theta, loss, grad, eps) of the last accepted iterate
-        x_accepted = None
-        elapsed, cost = 0.0, 0
-        start = 0
-        if resume is not None:
-            st = resume.state
-            if not st or st.get("method") != "HOAG":
-                raise ValueError(f"resume must be a Result of a HOAG run, got state keys {sorted(st)}")
-            history = History(list(resume.history.records))
-            theta = check_theta(st["next_theta"], self.inner.theta_names)
-            x, L, tol_scale = st["x"], st["L"], st["tol_scale"]
-            elapsed, cost, start = st["elapsed"], st["cost"], len(history)
-            if st["prev_theta"] is not None:
-                prev = (st["prev_theta"], st["prev_loss"], st["prev_grad"], st["prev_eps"])
-                x_accepted = resume.x
-            self.estimator.load_warm_state(st["estimator"])
-            tol0 = st["tol0"]
+    def _decrease_test(self, st: HOAGState, sol, trial: Theta, batch: Any, f_trial: float,
+                       eps: float, dtype) -> tuple:
+        """Armijo test on dual-corrected losses. Returns ``(reason or None, |correction|, g⁺)``.
+
+        ``"loss not resolved"`` (and a tighter ``tol_scale``) when the corrections are too large
+        for the test to mean anything and the accuracy can still be tightened. When the predicted
+        decrease is below round-off of ``ℓ``, the decrease is measured by the trapezoid rule
+        ``ℓ(θ⁺) − ℓ(θ_k) ≈ ½⟨g_k + g⁺, θ⁺ − θ_k⟩`` (exact on quadratics) instead; ``g⁺`` is
+        returned so an accepted point needs no second evaluation."""
+        if not math.isfinite(f_trial):
+            return "non-finite upper loss", math.nan, None
+        x = sol.x
+        f_hat, unc = self._corrected(x, trial, batch, f_trial, st.q)
+        step = theta_sub(st.theta, trial)
+        predicted = self.c1 * theta_dot(st.grad, step)
+        noise = unc + st.unc
+        if st.q is None and sol.max_iterations == 0:  # no adjoint, and x did not move at all
+            noise = math.inf
+        floor = self._eps(dataclasses_replace(st, tol_scale=0.0), dtype)
+        if noise > 0.5 * predicted and eps > floor:
+            st.tol_scale *= min(0.5, max(0.01, 0.25 * predicted / noise)) if noise < math.inf else 0.1
+            return "loss not resolved", unc, None
+        if predicted > 1e3 * 16 * _EPS * abs(st.loss):
+            ok = f_hat <= st.closs - predicted
+            return (None if ok else "insufficient decrease"), unc, None
+        hg, why = self._trial_hypergradient(st, trial, x, batch, eps)  # round-off regime: trapezoid
+        if why is not None:
+            return why, unc, None
+        change = -0.5 * (theta_dot(st.grad, step) + theta_dot(hg.theta_grad, step))
+        return (None if change <= -predicted else "insufficient decrease"), unc, hg
+
+    def _corrected(self, x: Tensor, theta: Theta, batch: Any, loss: float,
+                   q: Optional[Tensor]) -> tuple:
+        """``(ℓ(x̃) − ⟨q, ∇ₓΦ(x̃; θ)⟩, |⟨q, ∇ₓΦ(x̃; θ)⟩|)``: the dual-weighted value of ``ℓ(x̂)``
+        and the size of the correction (``(ℓ, 0)`` for estimators without an adjoint)."""
+        if q is None or q.shape != x.shape:
+            return loss, 0.0
+        corr = float((q.double() * self.inner.grad(x, theta, batch).double()).sum())
+        return loss - corr, abs(corr)
+
+    def _evaluate(self, st: HOAGState, batch: Any, eps: float, solved: bool = False) -> Dict[str, Any]:
+        """Solve at the accepted ``st.theta`` (unless ``solved``) and compute its hypergradient."""
+        n_inner, inner_ok = 0, True
+        if not solved:
+            sol, reason = self._solve(st, st.theta, batch, eps * st.inner_ref, st.x)
+            if sol is None or reason == "inner solve produced non-finite values":
+                st.message = f"the inner problem fails at the accepted θ = {theta_floats(st.theta)}: {reason}"
+                return dict(upper_loss=math.nan, grad_norm=math.nan, tol=eps, inner_tol=eps * st.inner_ref,
+                            inner_iterations=0, cg_iterations=0, step_size=st.step, accepted=False,
+                            reason=reason, inner_converged=False, cg_converged=False,
+                            theta=theta_floats(st.theta))
+            if reason is not None:
+                self._warn_once(st, "inner", reason + "; flagged in History as inner_converged=False")
+            st.x, n_inner, inner_ok = sol.x, sol.max_iterations, reason is None
+        hg = self._hypergradient(st, st.theta, st.x, batch, eps)
+        self._install(st, hg, batch)
+        return self._accepted_record(st, hg, eps, n_inner, inner_ok)
+
+    def _hypergradient(self, st: HOAGState, theta: Theta, x: Tensor, batch: Any, eps: float):
+        hg = self.estimator(self.inner, self.outer, theta, batch, x, eps, relative=True)
+        st.cost += hg.cg_iterations + hg.extra_inner_steps
+        if not hg.cg_converged:
+            self._warn_once(st, "cg", f"CG hit its iteration cap before tolerance {eps:.2e} "
+                                      f"(relative); flagged in History as cg_converged=False")
+        return hg
+
+    def _trial_hypergradient(self, st: HOAGState, theta: Theta, x: Tensor, batch: Any, eps: float):
+        """The hypergradient at a trial point, or ``(None, reason)`` where the inner Hessian is
+        not positive definite there (the trial left the region where the problem is well posed)."""
+        try:
+            return self._hypergradient(st, theta, x, batch, eps), None
+        except (NonPositiveCurvatureError, FloatingPointError) as exc:
+            return None, f"inner problem ill-posed at the trial ({str(exc)[:80]})"
+
+    def _install(self, st: HOAGState, hg, batch: Any) -> None:
+        """Make ``hg`` (computed at ``st.theta``, ``st.x``) the accepted point's values."""
+        st.loss, st.grad, st.q = hg.loss, hg.theta_grad, hg.adjoint
+        if self._step_params(hg.param_grads):  # φ moved: ℓ_k is re-measured with the new φ
+            st.loss = self._upper_loss(st.x, st.theta, batch)
+        st.closs, st.unc = self._corrected(st.x, st.theta, batch, st.loss, st.q)
+        st.gnorm = self._mapping_norm(st)
+        if not (math.isfinite(st.loss) and math.isfinite(st.gnorm)):
+            st.message = (f"non-finite upper loss {st.loss} or hypergradient norm {st.gnorm} at "
+                          f"θ = {theta_floats(st.theta)}")
         else:
-            tol0 = self.tol0 if self.tol0 is not None else self._scaled_tol0(theta, batch, x0)
-        self.schedule = tolerance_schedule(self.tolerance, tol0, self.tol_rate, self.tol_min)
-        self._tol0_used = tol0
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=self.max_iter, initial=start, desc="HOAG", unit="it")
-        warned_inner = warned_cg = False
-        success, message = False, "maximum number of outer iterations reached"
-        k = start
-        for k in range(start, self.max_iter):
-            t0 = time.perf_counter()
-            eps = max(self.schedule(k) * tol_scale, 1e-300)
-            sol = solve_inner(self.inner, theta, batch, eps, x0=x, method=self.inner_method,
-                              max_iter=self.inner_max_iter)
-            x = sol.x
-            hg = self.estimator(self.inner, self.outer, theta, batch, x, eps)
-            gnorm = hg.norm()
-            if not math.isfinite(hg.loss) or not math.isfinite(gnorm):
-                message = f"non-finite upper loss {hg.loss} or hypergradient norm {gnorm} at iteration {k}"
-                break
-            if not sol.all_converged and not warned_inner:
-                warnings.warn(f"HOAG iteration {k}: inner solve hit its iteration cap before "
-                              f"tolerance {eps:.2e} (max ‖∇Φ‖ = {float(sol.grad_norm.max()):.2e}); "
-                              f"flagged in History as inner_converged=False", RuntimeWarning)
-                warned_inner = True
-            if not hg.cg_converged and not warned_cg:
-                warnings.warn(f"HOAG iteration {k}: CG hit its iteration cap before tolerance "
-                              f"{eps:.2e}; flagged in History as cg_converged=False", RuntimeWarning)
-                warned_cg = True
-            if L is None:
-                L = max(gnorm, 1e-12)
-            accepted = True
-            if prev is not None:
-                th_old, f_old, g_old, eps_old = prev
-                gn_old = theta_norm(g_old)
-                bound = (f_old + self.slack * eps + eps_old * (self.slack + 1.0 / L) * gn_old
-                         - gn_old ** 2 / (2 * L))
-                if hg.loss <= bound:
-                    L /= self.grow
-                elif hg.loss > f_old + self.reject_ratio * abs(f_old):
-                    accepted = False
-                    L *= 2.0
-                    tol_scale *= 0.5
-                else:
-                    L *= self.shrink
-            step = 1.0 / L
-            iter_cost = sol.max_iterations + hg.cg_iterations + hg.extra_inner_steps
-            cost += iter_cost
-            elapsed += time.perf_counter() - t0
-            record = dict(iteration=k, upper_loss=hg.loss, grad_norm=gnorm, tol=eps,
-                          inner_iterations=sol.max_iterations, cg_iterations=hg.cg_iterations,
-                          seconds=time.perf_counter() - t0, elapsed=elapsed, cost=cost,
-                          step_size=step, accepted=accepted, inner_converged=sol.all_converged,
-                          cg_converged=hg.cg_converged, theta=theta_floats(theta))
-            history.append(**record)
-            if bar is not None:
-                bar.set_postfix(loss=f"{hg.loss:.4g}", tol=f"{eps:.1e}", step=f"{step:.2g}")
-                bar.update(1)
-            if accepted:
-                self._apply_param_grads(hg.param_grads)
-                prev = (theta, hg.loss, hg.theta_grad, eps)
-                x_accepted = x
-                if self.gtol > 0 and gnorm <= self.gtol:
-                    success, message = True, f"hypergradient norm {gnorm:.3e} ≤ gtol {self.gtol:.1e}"
-                    break
-            th_base, g_base = prev[0], prev[2]
-            current = theta
-            theta = project({n: th_base[n] - step * g_base[n] for n in th_base}, self.bounds)
-            if self.checkpoint is not None:
-                self._result(prev, x_accepted, theta, x, L, tol_scale, elapsed, cost, history,
-                             success, message).save(self.checkpoint)
-            if self.callback is not None and self.callback(record, current):
-                message = "stopped by callback"
-                break
-        if bar is not None:
-            bar.close()
-        result = self._result(prev, x_accepted, theta, x, L, tol_scale, elapsed, cost, history,
-                              success, message)
-        if self.checkpoint is not None:
-            result.save(self.checkpoint)
-        return result
+            self._note_accepted(st, st.loss)
+            if st.g0 is None:
+                st.g0 = st.gnorm
+            if st.step is None and st.gnorm > 0:
+                st.step = 1.0 / theta_norm(st.grad)
 
-    def _result(self, prev, x_accepted, theta, x, L, tol_scale, elapsed, cost, history, success,
-                message) -> Result:
-        final_theta, final_x = (prev[0], x_accepted) if prev is not None else (theta, x)
-        prev_theta, prev_loss, prev_grad, prev_eps = prev if prev is not None else (None,) * 4
-        state = dict(method="HOAG", next_theta=theta, x=x, L=L, tol_scale=tol_scale,
-                     tol0=self._tol0_used, estimator=self.estimator.warm_state(),
-                     elapsed=elapsed, cost=cost, prev_theta=prev_theta, prev_loss=prev_loss,
-                     prev_grad=prev_grad, prev_eps=prev_eps)
-        params = (self.outer.trainable_parameters().items()
-                  if hasattr(self.outer, "trainable_parameters") else [])
-        return Result(theta={k_: v.detach().clone() for k_, v in final_theta.items()}, x=final_x,
-                      history=history, success=success, message=message, n_iter=len(history),
-                      params={n: p.detach().clone() for n, p in params}, state=state)
+    def _accepted_record(self, st: HOAGState, hg, eps: float, n_inner: int, inner_ok: bool):
+        return dict(upper_loss=hg.loss, loss_correction=st.unc, grad_norm=st.gnorm, tol=eps,
+                    inner_tol=eps * st.inner_ref, inner_iterations=n_inner,
+                    cg_iterations=hg.cg_iterations, step_size=st.step, accepted=True, reason=None,
+                    inner_converged=inner_ok, cg_converged=hg.cg_converged,
+                    theta=theta_floats(st.theta))
+
+    def _mapping_norm(self, st: HOAGState) -> float:
+        """``‖G(g)‖ = ‖θ − Π(θ − g)‖`` (the projected gradient; ``‖g‖`` without bounds)."""
+        if self.bounds is None:
+            return theta_norm(st.grad)
+        return theta_distance(project(theta_axpy(-1.0, st.grad, st.theta), self.bounds), st.theta)
+
+    def _check_stop(self, st: HOAGState) -> None:
+        if st.message is not None:
+            return
+        if st.gnorm == 0.0 or (self.gtol > 0 and st.gnorm <= self.gtol * st.g0):
+            st.success = True
+            st.message = (f"converged: projected hypergradient norm {st.gnorm:.3e} ≤ gtol·‖G(g₀)‖ "
+                          f"= {self.gtol * st.g0:.3e}")
+            return
+        if not st.rejected_last or self.xtol == 0:
+            return
+        move = theta_distance(project(theta_axpy(-st.step, st.grad, st.theta), self.bounds), st.theta)
+        if move > self.xtol * (1.0 + theta_norm(st.theta)):
+            return
+        if st.last_failure == "insufficient decrease":
+            st.success = True
+            st.message = (f"converged: no measurable decrease left (next move {move:.2e} ≤ "
+                          f"xtol·(1 + ‖θ‖)); projected hypergradient norm {st.gnorm:.3e}")
+        else:
+            st.message = (f"cannot recover: every step down to length {move:.2e} was rejected; "
+                          f"last reason: {st.last_failure}")

@@ -17,7 +17,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .linalg import HessianOperator, batched_cg
+from .implicit import implicit_vjp, relative_cg_tolerance
+from .linalg import HessianOperator
 from .problem import (Hypergradient, HypergradientEstimator, InnerProblem, OuterLoss, Theta,
                       check_tolerance)
 
@@ -54,7 +55,10 @@ class ImplicitCG(HypergradientEstimator):
 
     Solves ``∇²ₓₓΦ q = ∇ₓℓ`` per sample until ``‖∇²ₓₓΦ_b q_b − (∇ₓℓ)_b‖₂ ≤ max(tol, rtol‖(∇ₓℓ)_b‖)``
     (``tol`` is the per-sample absolute residual; for a batch-level residual ``ε`` pass
-    ``ε/√B``), then returns ``∇_θℓ − (∇²_{xθ}Φ)ᵀq``.
+    ``ε/√B``), then returns ``∇_θℓ − (∇²_{xθ}Φ)ᵀq`` (see :func:`bilevel.implicit.implicit_vjp`).
+    Called with ``relative=True`` (as :class:`~bilevel.HOAG` does), ``tol`` is relative: the
+    per-sample tolerance is ``tol·max(‖(∇ₓℓ)_b‖, 10⁻³ max_b'‖(∇ₓℓ)_b'‖)``, so CG always iterates
+    from ``q = 0`` unless ``∇ₓℓ = 0`` (never a zero hypergradient from a CG that did nothing).
 
     Parameters
     ----------
@@ -81,19 +85,19 @@ class ImplicitCG(HypergradientEstimator):
         self._q = None
 
     def __call__(self, inner: InnerProblem, outer: OuterLoss, theta: Theta, batch: Any,
-                 x: Tensor, tol: float) -> Hypergradient:
+                 x: Tensor, tol: float, relative: bool = False) -> Hypergradient:
         tol = check_tolerance("tol", tol)
         inner.check(x, theta, batch)
         loss, gx, gth, gp = outer_gradients(outer, x, theta, batch)
         H = HessianOperator(inner, x, theta, batch, mode=self.hessian)
-        q0 = self._q if (self.warm_start and self._q is not None and self._q.shape == gx.shape
-                         and self._q.dtype == gx.dtype) else None
-        cg = batched_cg(H.hvp, gx, x0=q0, tol=tol, rtol=self.rtol, max_iter=self.max_iter)
-        self._q = cg.x.detach()
-        mixed = H.mixed_vjp(cg.x)
-        grad = {k: gth[k] - mixed[k] for k in gth}
-        return Hypergradient(loss=float(loss), theta_grad=grad, param_grads=gp,
+        abs_tol = relative_cg_tolerance(gx, tol) if relative else tol
+        res = implicit_vjp(H.hvp, H.mixed_vjp, gx, gth, abs_tol, q0=self._warm(gx),
+                           max_iter=self.max_iter, rtol=self.rtol)
+        self._q = res.q
+        cg = res.cg
+        return Hypergradient(loss=float(loss), theta_grad=res.grad, param_grads=gp,
                              cg_iterations=cg.max_iterations, cg_converged=cg.all_converged,
+                             adjoint=res.q,
                              info={"cg_residual": cg.residual.detach(), "hvp_count": H.n_hvp,
                                    "cg_iterations_per_sample": cg.iterations})
 
@@ -124,12 +128,12 @@ class Unrolled(HypergradientEstimator):
     def _alpha(self, inner: InnerProblem, theta: Theta, batch: Any) -> float:
         if self.step_size is not None:
             return float(self.step_size)
-        lip = getattr(inner, "lipschitz", None)
-        if lip is None:
-            raise ValueError(f"Unrolled needs step_size, or an inner problem with a lipschitz(θ, "
-                             f"batch) method; {type(inner).__name__} has none")
         with torch.no_grad():
-            L = lip({k: v.detach() for k, v in theta.items()}, batch)
+            L = inner.lipschitz({k: v.detach() for k, v in theta.items()}, batch)
+        if L is None:
+            raise ValueError(f"Unrolled needs step_size, or an inner problem whose lipschitz(θ, "
+                             f"batch) returns a number; {type(inner).__name__}.lipschitz "
+                             f"returned None")
         return 1.0 / float(torch.as_tensor(L).max())
 
     def unroll(self, inner: InnerProblem, theta: Theta, batch: Any, x0: Tensor,
@@ -145,7 +149,8 @@ class Unrolled(HypergradientEstimator):
         return xk
 
     def __call__(self, inner: InnerProblem, outer: OuterLoss, theta: Theta, batch: Any,
-                 x: Tensor, tol: float = 0.0) -> Hypergradient:
+                 x: Tensor, tol: float = 0.0, relative: bool = False) -> Hypergradient:
+        """``tol`` and ``relative`` are accepted for a uniform interface and ignored."""
         inner.check(x, theta, batch)
         params = outer.trainable_parameters() if hasattr(outer, "trainable_parameters") else {}
         th = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
@@ -153,6 +158,9 @@ class Unrolled(HypergradientEstimator):
         with torch.enable_grad():
             xk = self.unroll(inner, th, batch, x0)
             loss = outer(xk, th, batch)
+            if not isinstance(loss, Tensor) or loss.dim() != 0:
+                shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+                raise ValueError(f"outer loss must return a scalar tensor, got {shape}")
             names = list(th)
             grads = torch.autograd.grad(loss, [th[k] for k in names] + list(params.values()),
                                         allow_unused=True)

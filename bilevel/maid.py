@@ -42,26 +42,39 @@ Differences from the paper's Algorithm: ``ε`` and ``δ`` are tightened separate
 the term of ``ω`` that dominates; the loss bound is the dual-weighted residual of
 :class:`~bilevel.AdaptiveInexact` (a product of the two residuals) instead of the first-order
 ``‖∇ₓℓ‖ ε``; the early exit of the line search in step 2; box constraints via ``G``.
+
+Scale-free accuracies: ``ε₀ = eps_rel·R`` with ``R = max_b‖∇ₓΦ_b(x⁰)‖`` at the initial point,
+``δ₀ = delta_rel·max_b‖(∇ₓℓ)_b‖`` at the first inner solution, and the floor
+``ε_min = eps_min·R``; every test compares quantities of the same units (``ω`` with ``‖G‖``,
+``a`` with ``β‖G‖²``), so multiplying Φ or ℓ by a constant leaves the iterates unchanged.
+
+Stopping: ``success=True`` when ``‖G(z_k)‖ + ω_k ≤ gtol·‖G(z₀)‖`` (a certified
+``‖G(∇ℓ(θ_k))‖ ≤ gtol·‖G(z₀)‖``), or when the accuracy floor is reached (the bound cannot be
+tightened further, or no decrease can be certified there) with ``‖G(z_k)‖ + ω_k ≤
+floor_gtol·‖G(z₀)‖`` (stationary to what the floor can certify). At the floor with a larger
+certificate the run fails with "no certified decrease at the accuracy floor".
 """
 from __future__ import annotations
 
 import inspect
 import math
-import time
-import warnings
-from typing import Any, Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Dict, Optional, Tuple
 
+import torch
 from torch import Tensor
 
-from .adaptive import AdaptiveInexact, resolve_strong_convexity
-from .history import History, Result
+from .adaptive import AdaptiveInexact, NotStronglyConvexError, resolve_strong_convexity
 from .hypergrad import outer_gradients
-from .linalg import batch_norm
-from .problem import (Bounds, InnerProblem, OuterLoss, Theta, check_theta, check_tolerance,
-                      project, theta_floats, theta_norm)
-from .solvers import METHODS, solve_inner
+from .linalg import NonPositiveCurvatureError, batch_norm
+from .outer import LoopState, OuterLoop
+from .problem import (Bounds, Hypergradient, InnerProblem, OuterLoss, Theta, check_tolerance,
+                      project, theta_axpy, theta_distance, theta_floats, theta_norm)
+from .solvers import METHODS, SolveResult
 
-__all__ = ["MAID"]
+__all__ = ["MAID", "MAIDState"]
+
+_EPS = 2.220446049250313e-16
 
 
 def _default_max_iter(method: str) -> Optional[int]:
@@ -84,7 +97,40 @@ def _unit_interval(name: str, value: float, closed_right: bool = False) -> float
     return v
 
 
-class MAID:
+def _roundoff(loss: float) -> float:
+    """Floating-point allowance of a computed upper loss (``16 eps_mach |ℓ|``, float64)."""
+    return 16 * _EPS * abs(loss) if math.isfinite(loss) else 0.0
+
+
+def _finite(*values) -> bool:
+    return all(math.isfinite(float(v)) for v in values)
+
+
+@dataclass
+class MAIDState(LoopState):
+    """MAID's state: accuracies ``eps`` (inner) and ``delta`` (CG), their floor ``eps_floor``,
+    the step ``beta``, the first certified-gradient scale ``g0``, the accuracies the cached
+    solution / hypergradient were computed at (``sol_eps``, ``hg_delta``) and the work since the
+    last record. ``sol`` and ``hg`` are caches (not checkpointed; recomputed after a resume)."""
+
+    eps: float = math.nan
+    delta: Optional[float] = None
+    eps_floor: float = 0.0
+    beta: Optional[float] = None
+    g0: Optional[float] = None
+    sol_eps: float = math.inf
+    hg_delta: float = math.inf
+    inner_it: int = 0
+    cg_it: int = 0
+    inner_ok: bool = True
+    cg_ok: bool = True
+    sol: Optional[SolveResult] = None
+    hg: Optional[Hypergradient] = None
+
+    TRANSIENT: ClassVar[Tuple[str, ...]] = ("sol", "hg")
+
+
+class MAID(OuterLoop):
     """MAID outer loop (see the module docstring for the algorithm).
 
     Parameters
@@ -94,11 +140,9 @@ class MAID:
         without ``mu`` gets this ``mu``).
     mu: strong-convexity constant ``μ`` (number or ``(θ, batch) ↦ μ``); ``None`` uses
         ``inner.strong_convexity_constant`` and raises ``ValueError`` if that is ``None``.
-    eps0: initial inner accuracy (per-sample ``‖∇ₓΦ_b‖``); ``None``: ``eps_rel ×`` the largest
-        ``‖∇ₓΦ_b‖`` at the initial point.
-    delta0: initial CG accuracy (per-sample residual); ``None``: ``delta_rel ×`` the largest
-        ``‖(∇ₓℓ)_b‖`` at the first inner solution.
-    eps_min: accuracy floor; if the bound test still fails there the run stops (no success).
+    eps_rel, delta_rel: the first accuracies relative to ``R`` and ``max_b‖(∇ₓℓ)_b‖``.
+    eps0, delta0: absolute first accuracies instead (``None``: relative rule).
+    eps_min: the accuracy floor relative to ``R``.
     step_size: initial step ``β₀``; ``None`` uses ``1/‖z₀‖`` (a first move of length 1).
     eta: descent margin ``η ∈ (0, 1)``: ``z`` is accepted when ``ω ≤ (1 − η)‖G(z)‖``.
     c1: sufficient-decrease constant (default ``η/4``; convergence theory needs ``c₁ < η``).
@@ -107,44 +151,36 @@ class MAID:
     ``grow = 10/9`` as in the authors' code).
     max_backtracks: trial steps per line search; max_tighten: tightenings per gradient.
     max_iter: budget of outer iterations (hypergradient evaluations, one History record each).
-    max_cost: budget of lower-level + CG iterations (``None``: unlimited); each inner solve is
-        capped at the budget left (a capped solve is flagged; the bounds use its residual).
-    bounds: :class:`~bilevel.Bounds` on θ.
-    inner_method, inner_max_iter: generic inner solver and its cap (a solve that stops early is
-        flagged and warned about; the bounds use the residual it reached).
-    gtol: stop with success when ``‖G(z)‖ + ω ≤ gtol`` (a certified ``‖G(∇ℓ(θ))‖ ≤ gtol``).
-    callback: ``callback(record, theta)`` after every record; returning ``True`` stops.
-    progress: show a tqdm bar.
+    max_cost: budget of lower-level + CG iterations (``None``: unlimited).
+    gtol, floor_gtol: the stopping tolerances (relative to ``‖G(z₀)‖``; module docstring).
+    bounds, inner_method, inner_max_iter, param_optimizer, callback, progress, checkpoint: as
+        for :class:`~bilevel.HOAG`.
 
-    History keys: those of :class:`~bilevel.HOAG` (``iteration, upper_loss, grad_norm, tol,
-    inner_iterations, cg_iterations, seconds, elapsed, cost, step_size, accepted,
-    inner_converged, cg_converged, theta``) plus ``eps`` (``= tol``), ``delta``,
-    ``error_bound`` (``ω``), ``error_terms`` (its summands), ``loss_allowance`` (``a``),
+    History keys: those of :class:`~bilevel.HOAG` plus ``eps`` (``= tol``), ``delta``,
+    ``error_bound`` (``ω``), ``error_terms``, ``loss_allowance`` (``a``),
     ``projected_grad_norm`` (``‖G(z)‖``), ``step_accepted`` (did the line search from this point
     succeed; ``None`` when none was run), ``backtracks``, ``line_search_coarse``,
-    ``line_search_cost`` (lower-level + CG iterations of the line search from this point; for
-    the last record, work done after it), ``tightenings`` and ``mu``. Record ``k`` describes ``θ_k``; its ``cost``/``seconds`` include
-    everything spent since record ``k−1`` (the line search that found ``θ_k``, re-solves, the
-    hypergradient and its bounds). ``upper_loss`` is the computed ``ℓ̃_k``; ``step_size`` the
-    step taken from ``θ_k`` (the last one tried when the line search failed). Every record is
-    an iterate (``accepted`` is always ``True``); after a failed line search the next record is
-    the same θ at a tighter accuracy. ``Result.theta``/``Result.x`` are those of the last record.
+    ``line_search_cost``, ``tightenings`` and ``mu``. Record ``k`` describes ``θ_k``;
+    ``inner_iterations``/``cg_iterations`` count the work since the previous record, ``cost``
+    is cumulative at the end of the iteration (line search included).
     """
+
+    name = "MAID"
+    State = MAIDState
 
     def __init__(self, inner: InnerProblem, outer: OuterLoss,
                  estimator: Optional[AdaptiveInexact] = None, mu=None,
                  eps0: Optional[float] = None, delta0: Optional[float] = None,
-                 eps_rel: float = 1e-1, delta_rel: float = 1e-1, eps_min: float = 1e-13,
+                 eps_rel: float = 1e-1, delta_rel: float = 1e-1, eps_min: float = 1e-12,
                  step_size: Optional[float] = None, eta: float = 0.3, c1: Optional[float] = None,
                  rho: float = 0.5, tau: float = 0.5, nu: float = 1.05, grow: float = 10 / 9,
-                 max_backtracks: int = 8, max_tighten: int = 30, max_iter: int = 50,
-                 max_cost: Optional[int] = None, bounds: Optional[Bounds] = None,
-                 inner_method: str = "newton-cg", inner_max_iter: Optional[int] = None,
-                 gtol: float = 0.0, callback: Optional[Callable] = None, progress: bool = False):
-        if not isinstance(inner, InnerProblem):
-            raise TypeError(f"inner must be an InnerProblem, got {type(inner).__name__}")
-        if not callable(outer):
-            raise TypeError(f"outer must be callable (an OuterLoss), got {type(outer).__name__}")
+                 max_backtracks: int = 8, max_tighten: int = 30, max_iter: int = 100,
+                 max_cost: Optional[int] = None, gtol: float = 1e-6, floor_gtol: float = 1e-3,
+                 bounds: Optional[Bounds] = None, inner_method: str = "newton-cg",
+                 inner_max_iter: Optional[int] = None,
+                 param_optimizer: Optional[torch.optim.Optimizer] = None,
+                 callback: Optional[Callable] = None, progress: bool = False,
+                 checkpoint: Optional[str] = None):
         if estimator is not None and not isinstance(estimator, AdaptiveInexact):
             raise TypeError(f"estimator must be an AdaptiveInexact (MAID needs its error bounds), "
                             f"got {type(estimator).__name__}")
@@ -152,9 +188,12 @@ class MAID:
             check_tolerance("mu", mu)
         if estimator is not None and mu is not None and estimator.mu is None:
             estimator.mu = mu
-        self.inner, self.outer = inner, outer
-        self.estimator = estimator if estimator is not None else AdaptiveInexact(mu=mu)
-        self.mu = mu if mu is not None else self.estimator.mu
+        estimator = estimator if estimator is not None else AdaptiveInexact(mu=mu)
+        super().__init__(inner, outer, estimator, max_iter=max_iter, bounds=bounds,
+                         inner_method=inner_method, inner_max_iter=inner_max_iter,
+                         param_optimizer=param_optimizer, callback=callback, progress=progress,
+                         checkpoint=checkpoint)
+        self.mu = mu if mu is not None else estimator.mu
         self.eps0 = None if eps0 is None else check_tolerance("eps0", eps0)
         self.delta0 = None if delta0 is None else check_tolerance("delta0", delta0)
         self.eps_rel = check_tolerance("eps_rel", eps_rel)
@@ -168,267 +207,234 @@ class MAID:
         self.rho = _unit_interval("rho", rho)
         self.tau = _unit_interval("tau", tau)
         self.nu = check_tolerance("nu", nu)
-        if self.nu < 1:
-            raise ValueError(f"nu must be ≥ 1 (it loosens the accuracy), got {nu!r}")
         self.grow = check_tolerance("grow", grow)
-        if self.grow < 1:
-            raise ValueError(f"grow must be ≥ 1, got {grow!r}")
-        for name, v in (("max_backtracks", max_backtracks), ("max_tighten", max_tighten),
-                        ("max_iter", max_iter)):
+        if self.nu < 1 or self.grow < 1:
+            raise ValueError(f"nu and grow must be ≥ 1, got nu={nu!r}, grow={grow!r}")
+        for name, v in (("max_backtracks", max_backtracks), ("max_tighten", max_tighten)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if max_cost is not None and (not isinstance(max_cost, int) or max_cost < 1):
             raise ValueError(f"max_cost must be a positive int or None, got {max_cost!r}")
-        self.max_backtracks, self.max_tighten, self.max_iter = max_backtracks, max_tighten, max_iter
-        self.max_cost, self.bounds = max_cost, bounds
-        self.inner_method, self.inner_max_iter = inner_method, inner_max_iter
+        self.max_backtracks, self.max_tighten, self.max_cost = max_backtracks, max_tighten, max_cost
         self.gtol = check_tolerance("gtol", gtol, allow_zero=True)
-        self.callback, self.progress = callback, progress
+        self.floor_gtol = check_tolerance("floor_gtol", floor_gtol, allow_zero=True)
 
-    # ------------------------------------------------------------------------------------------
-    @staticmethod
-    def _roundoff(loss: float) -> float:
-        """Floating-point allowance of a computed upper loss (``16 eps_mach |ℓ|``, float64)."""
-        return 16 * 2.220446049250313e-16 * abs(loss) if math.isfinite(loss) else 0.0
+    # ----- start ------------------------------------------------------------------------------
+    def _start(self, theta: Theta, batch: Any, x0: Optional[Tensor]) -> MAIDState:
+        resolve_strong_convexity(self.inner, theta, batch, self.mu, who="MAID")  # fail early
+        x = self.inner.init(theta, batch) if x0 is None else x0.detach().clone()
+        ref = float(batch_norm(self.inner.grad(self.inner.init(theta, batch), theta, batch)).max())
+        if not (math.isfinite(ref) and ref > 0):
+            ref = float(batch_norm(x).max()) or 1.0
+        eps = self.eps0 if self.eps0 is not None else self.eps_rel * ref
+        floor = self.eps_min * ref
+        return MAIDState(theta=theta, x=x, eps=max(eps, floor), eps_floor=floor,
+                         delta=self.delta0, beta=self.step_size)
+
+    # ----- budget-aware pieces ----------------------------------------------------------------
+    def _budget_left(self, st: MAIDState) -> bool:
+        return self.max_cost is None or st.cost < self.max_cost
+
+    def _maid_solve(self, st: MAIDState, theta: Theta, batch: Any, tol: float, start: Tensor,
+                    trial: bool = False) -> Optional[SolveResult]:
+        """Inner solve charged to the budget; ``None`` for a trial point where it fails hard
+        (non-positive curvature, non-finite values); at an accepted point that is an error."""
+        cap = self.inner_max_iter
+        if self.max_cost is not None:  # never let one solve overrun the budget by much
+            default_cap = _default_max_iter(self.inner_method)
+            remaining = max(self.max_cost - st.cost, 1)
+            known = cap if cap is not None else default_cap
+            cap = remaining if known is None else min(known, remaining)
+        cost0 = st.cost
+        sol, reason = self._solve(st, theta, batch, tol, start, max_iter=cap)
+        if sol is None or reason == "inner solve produced non-finite values":
+            if trial:
+                return None
+            raise ValueError(f"MAID: {reason} at the accepted θ = {theta_floats(theta)}")
+        st.inner_it += st.cost - cost0
+        if reason is not None:
+            st.inner_ok = False
+            self._warn_once(st, "inner", f"{reason}; the bounds use the residual reached; flagged "
+                                         f"in History as inner_converged=False")
+        return sol
+
+    def _maid_evaluate(self, st: MAIDState, theta: Theta, batch: Any, sol: SolveResult,
+                       full: bool) -> Hypergradient:
+        hg = self.estimator(self.inner, self.outer, theta, batch, sol.x, st.delta, error_bound=full)
+        st.cost += hg.cg_iterations
+        st.cg_it += hg.cg_iterations
+        if not hg.cg_converged:
+            st.cg_ok = False
+            self._warn_once(st, "cg", f"CG hit its iteration cap before tolerance {st.delta:.2e}; "
+                                      f"the bounds use the residual reached; flagged in History "
+                                      f"as cg_converged=False")
+        return hg
 
     def _gradient_mapping_norm(self, theta: Theta, z: Theta, beta: float) -> float:
         """``‖G_β(z)‖ = ‖θ − Π(θ − βz)‖/β`` (``= ‖z‖`` without bounds). ``Π`` is nonexpansive, so
         ``|‖G_β(z)‖ − ‖G_β(∇ℓ)‖| ≤ ‖z − ∇ℓ‖ ≤ ω``."""
         if self.bounds is None:
             return theta_norm(z)
-        trial = project({n: theta[n] - beta * z[n] for n in theta}, self.bounds)
-        return theta_norm({n: trial[n] - theta[n] for n in theta}) / beta
+        return theta_distance(project(theta_axpy(-beta, z, theta), self.bounds), theta) / beta
 
-    def run(self, theta0: Theta, batch: Any, x0: Optional[Tensor] = None) -> Result:
-        """Run MAID from ``theta0`` on ``batch`` (``x0``: optional warm start of the inner solve)."""
-        theta = check_theta(theta0, self.inner.theta_names)
-        if self.bounds is not None:
-            self.bounds.check_names(theta)
-        theta = project(theta, self.bounds)
-        resolve_strong_convexity(self.inner, theta, batch, self.mu, who="MAID")  # fail early
-        est = self.estimator
-        est.reset()
-        history = History()
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=self.max_iter, desc="MAID", unit="it")
+    # ----- one iteration ----------------------------------------------------------------------
+    def _iterate(self, st: MAIDState, batch: Any) -> Dict[str, Any]:
+        if st.hg is None:  # first iteration or after a resume
+            self._initial_evaluation(st, batch)
+        tightenings, floor_hit, pnorm = self._certify(st, batch)
+        hg = st.hg
+        if st.g0 is None and _finite(pnorm):
+            st.g0 = pnorm
+        self._note_accepted(st, hg.loss)
+        record = self._record(st, hg, pnorm, tightenings)
+        st.inner_it = st.cg_it = 0
+        st.inner_ok = st.cg_ok = True
+        if not self._stop(st, hg, pnorm, floor_hit, tightenings):
+            self._line_search(st, batch, hg, pnorm, record)
+        return record
 
-        x = self.inner.init(theta, batch) if x0 is None else x0.detach().clone()
-        if self.eps0 is not None:
-            eps = self.eps0
-        else:
-            r0 = float(batch_norm(self.inner.grad(x, theta, batch)).max())
-            eps = max(self.eps_rel * r0, self.eps_min)
-        delta = self.delta0  # set after the first solve when None
-        beta = self.step_size
-        state = {"cost": 0, "inner_it": 0, "cg_it": 0, "inner_ok": True, "cg_ok": True}
-        last_ok = None  # (theta, x) of the last record
-        warned = {"inner": False, "cg": False}
-        elapsed = 0.0
-        t_mark = time.perf_counter()
+    def _initial_evaluation(self, st: MAIDState, batch: Any) -> None:
+        st.sol = self._maid_solve(st, st.theta, batch, st.eps, st.x)
+        st.x, st.sol_eps = st.sol.x, st.eps
+        if st.delta is None:
+            _, gx0, _, _ = outer_gradients(self.outer, st.x, st.theta, batch)
+            st.delta = max(self.delta_rel * float(batch_norm(gx0).max()), 1e-300)
+        st.hg, st.hg_delta = self._maid_evaluate(st, st.theta, batch, st.sol, True), st.delta
 
-        default_cap = _default_max_iter(self.inner_method)
+    def _certify(self, st: MAIDState, batch: Any) -> Tuple[int, bool, float]:
+        """Step 1: tighten ``ε``/``δ`` until ``ω ≤ (1 − η)‖G(z)‖`` and ``a ≤ c₁β‖G(z)‖²``.
+        Returns ``(tightenings, floor_hit, ‖G(z)‖)``."""
+        tightenings, pnorm = 0, math.nan
+        while True:
+            if st.sol_eps > st.eps:  # x is coarser than the current ε: re-solve (warm)
+                st.sol = self._maid_solve(st, st.theta, batch, st.eps, st.sol.x)
+                st.x, st.sol_eps, st.hg = st.sol.x, st.eps, None
+            if st.hg is None or st.hg_delta > st.delta:
+                st.hg, st.hg_delta = self._maid_evaluate(st, st.theta, batch, st.sol, True), st.delta
+            if st.hg.error_bound is None:  # a trial point of the line search: add ω
+                before = st.hg.cg_iterations
+                self.estimator.complete(self.inner, st.theta, batch, st.sol.x, st.hg)
+                st.cost += st.hg.cg_iterations - before
+                st.cg_it += st.hg.cg_iterations - before
+            hg = st.hg
+            gnorm, omega = hg.norm(), float(hg.error_bound)
+            if not _finite(hg.loss, gnorm, omega):
+                return tightenings, False, math.nan
+            if st.beta is None:
+                st.beta = 1.0 / max(gnorm, 1e-300)
+            pnorm = self._gradient_mapping_norm(st.theta, hg.theta_grad, st.beta)
+            target = (1 - self.eta) * pnorm
+            loss_ok = hg.bound.loss <= self.c1 * st.beta * pnorm ** 2
+            if (omega <= target and loss_ok) or pnorm == 0.0 or (
+                    st.g0 is not None and pnorm + omega <= self.gtol * st.g0):
+                return tightenings, False, pnorm
+            if st.eps <= st.eps_floor or tightenings >= self.max_tighten:
+                return tightenings, True, pnorm
+            if not self._budget_left(st):
+                return tightenings, False, pnorm
+            cg_part = float(hg.bound.terms.get("cg", 0.0))  # tighten what takes > half of ω
+            if omega - cg_part > 0.5 * target or not loss_ok:
+                st.eps = max(st.eps * self.tau, st.eps_floor)
+            if cg_part > 0.5 * target:
+                st.delta *= self.tau
+            tightenings += 1
 
-        def budget_left() -> bool:
-            return self.max_cost is None or state["cost"] < self.max_cost
+    def _record(self, st: MAIDState, hg: Hypergradient, pnorm: float, tightenings: int) -> Dict[str, Any]:
+        b = hg.bound
+        return dict(upper_loss=hg.loss, grad_norm=hg.norm(), projected_grad_norm=pnorm,
+                    tol=st.eps, eps=st.eps, delta=st.hg_delta, error_bound=hg.error_bound,
+                    loss_allowance=b.loss, inner_iterations=st.inner_it, cg_iterations=st.cg_it,
+                    step_size=None, accepted=True, step_accepted=None, backtracks=0,
+                    line_search_coarse=None, line_search_cost=0, tightenings=tightenings,
+                    inner_converged=st.inner_ok, cg_converged=st.cg_ok, mu=b.mu,
+                    error_terms=dict(b.terms), theta=theta_floats(st.theta))
 
-        def solve(th, tol, start):
-            cap = self.inner_max_iter
-            if self.max_cost is not None:  # never let one solve overrun the budget by much
-                remaining = max(self.max_cost - state["cost"], 1)
-                cap = remaining if cap is None and default_cap is None else min(
-                    cap if cap is not None else default_cap, remaining)
-            sol = solve_inner(self.inner, th, batch, tol, x0=start, method=self.inner_method,
-                              max_iter=cap)
-            state["cost"] += sol.max_iterations
-            state["inner_it"] += sol.max_iterations
-            if not sol.all_converged:
-                state["inner_ok"] = False
-                if not warned["inner"]:
-                    warnings.warn(f"MAID: inner solve hit its iteration cap before tolerance "
-                                  f"{tol:.2e} (max ‖∇Φ‖ = {float(sol.grad_norm.max()):.2e}); the "
-                                  f"bounds use the residual reached; flagged in History as "
-                                  f"inner_converged=False", RuntimeWarning)
-                    warned["inner"] = True
-            return sol
+    def _stop(self, st: MAIDState, hg: Hypergradient, pnorm: float, floor_hit: bool,
+              tightenings: int) -> bool:
+        """The stopping tests at a record; sets ``st.message``/``st.success``; True to stop."""
+        omega = float(hg.error_bound) if hg.error_bound is not None else math.nan
+        cert = pnorm + omega
+        if not _finite(hg.loss, pnorm, omega):
+            st.message = (f"non-finite upper loss {hg.loss}, projected hypergradient norm {pnorm} "
+                          f"or error bound {omega} at iteration {st.k}")
+        elif pnorm == 0.0 or cert <= self.gtol * st.g0:
+            st.success = True
+            st.message = (f"certified stationarity: ‖G(∇ℓ)‖ ≤ ‖G(z)‖ + ω = {cert:.3e} ≤ "
+                          f"gtol·‖G(z₀)‖ = {self.gtol * st.g0:.3e}")
+        elif floor_hit:
+            self._floor_verdict(st, cert, f"the error bound could not be tightened further "
+                                          f"({tightenings} tightenings)")
+        elif not self._budget_left(st):
+            st.message = (f"budget of {self.max_cost} lower-level + CG iterations exhausted "
+                          f"(used {st.cost})")
+        return st.message is not None
 
-        def evaluate(th, sol, full):
-            hg = est(self.inner, self.outer, th, batch, sol.x, delta, error_bound=full)
-            charge_cg(hg.cg_iterations)
-            if not hg.cg_converged:
-                state["cg_ok"] = False
-                if not warned["cg"]:
-                    warnings.warn(f"MAID: CG hit its iteration cap before tolerance {delta:.2e}; "
-                                  f"the bounds use the residual reached; flagged in History as "
-                                  f"cg_converged=False", RuntimeWarning)
-                    warned["cg"] = True
-            return hg
+    def _floor_verdict(self, st: MAIDState, cert: float, why: str) -> None:
+        st.success = cert <= self.floor_gtol * st.g0
+        verdict = ("certified stationarity at the accuracy floor" if st.success
+                   else "no certified decrease at the accuracy floor")
+        st.message = (f"{verdict} (eps = {st.eps:.2e}, delta = {st.delta:.2e}): {why}; "
+                      f"‖G(∇ℓ)‖ ≤ {cert:.3e}, floor_gtol·‖G(z₀)‖ = {self.floor_gtol * st.g0:.3e}")
 
-        def charge_cg(n):
-            state["cost"] += n
-            state["cg_it"] += n
-
-        def finite(*v):
-            return all(math.isfinite(float(t)) for t in v)
-
-        success, message = False, "maximum number of outer iterations reached"
-        sol = solve(theta, eps, x)
-        sol_eps = eps
-        if delta is None:
-            _, gx0, _, _ = outer_gradients(self.outer, sol.x, theta, batch)
-            delta = max(self.delta_rel * float(batch_norm(gx0).max()), 1e-300)
-        hg = evaluate(theta, sol, True)
-        hg_delta = delta
-        for k in range(self.max_iter):
-            # ---- 1. hypergradient with adaptive accuracy ------------------------------------
-            tightenings = 0
-            floor_hit = False
-            pnorm = math.nan
-            while True:
-                if sol_eps > eps:  # x is coarser than the current ε: re-solve (warm)
-                    sol = solve(theta, eps, sol.x)
-                    sol_eps = eps
-                    hg = None
-                if hg is None or hg_delta > delta:
-                    hg = evaluate(theta, sol, True)
-                    hg_delta = delta
-                if hg.error_bound is None:  # a trial point of the line search: add ω
-                    before = hg.cg_iterations
-                    est.complete(self.inner, theta, batch, sol.x, hg)
-                    charge_cg(hg.cg_iterations - before)
-                gnorm, omega = hg.norm(), float(hg.error_bound)
-                if not finite(hg.loss, gnorm, omega):
-                    break
-                if beta is None:
-                    beta = 1.0 / max(gnorm, 1e-300)
-                pnorm = self._gradient_mapping_norm(theta, hg.theta_grad, beta)
-                target = (1 - self.eta) * pnorm
-                allowance = float(hg.info["loss_error_bound"])
-                loss_ok = allowance <= self.c1 * beta * pnorm ** 2
-                if (omega <= target and loss_ok) or pnorm + omega <= self.gtol or pnorm == 0.0:
-                    break
-                if eps <= self.eps_min or tightenings >= self.max_tighten:
-                    floor_hit = True
-                    break
-                if not budget_left():
-                    break
-                # tighten the accuracies whose terms take more than half of the allowed ω
-                cg_part = float(hg.info["terms"].get("cg", 0.0))
-                if omega - cg_part > 0.5 * target or not loss_ok:
-                    eps = max(eps * self.tau, self.eps_min)
-                if cg_part > 0.5 * target:
-                    delta *= self.tau
-                tightenings += 1
-            allowance = float(hg.info["loss_error_bound"])
-            now = time.perf_counter()
-            seconds, t_mark = now - t_mark, now
-            elapsed += seconds
-            history.append(iteration=k, upper_loss=hg.loss, grad_norm=gnorm,
-                           projected_grad_norm=pnorm, tol=eps, eps=eps,
-                           delta=hg_delta, error_bound=omega, loss_allowance=allowance,
-                           inner_iterations=state["inner_it"], cg_iterations=state["cg_it"],
-                           seconds=seconds, elapsed=elapsed, cost=state["cost"], step_size=None,
-                           accepted=True, step_accepted=None, backtracks=0,
-                           line_search_coarse=None, line_search_cost=0,
-                           tightenings=tightenings, inner_converged=state["inner_ok"],
-                           cg_converged=state["cg_ok"], mu=hg.info["mu"],
-                           error_terms=dict(hg.info["terms"]), theta=theta_floats(theta))
-            record = history[-1]
-            state.update(inner_it=0, cg_it=0, inner_ok=True, cg_ok=True)
-            last_ok = (theta, sol.x)
-            if bar is not None:
-                bar.set_postfix(loss=f"{hg.loss:.4g}", eps=f"{eps:.1e}", step=f"{beta:.2g}")
-                bar.update(1)
-
-            # ---- stopping tests -------------------------------------------------------------
-            stop = True
-            if not finite(hg.loss, gnorm, omega):
-                message = (f"non-finite upper loss {hg.loss}, hypergradient norm {gnorm} or error "
-                           f"bound {omega} at iteration {k}")
-            elif pnorm + omega <= self.gtol:
-                success = True
-                message = (f"certified stationarity: ‖G(∇ℓ)‖ ≤ ‖G(z)‖ + ω = {pnorm + omega:.3e} ≤ "
-                           f"gtol {self.gtol:.1e}")
-            elif pnorm == 0.0:
-                message = (f"the projected step is zero at iteration {k} (θ is stationary on the "
-                           f"bounds up to the error bound ω = {omega:.3e})")
-            elif floor_hit:
-                message = (f"the error bound ω = {omega:.3e} stayed above (1 − η)‖G(z)‖ = "
-                           f"{(1 - self.eta) * pnorm:.3e} at eps = {eps:.2e}, delta = {delta:.2e} "
-                           f"({tightenings} tightenings, eps_min = {self.eps_min:.1e}): stationary "
-                           f"to within ‖G(∇ℓ)‖ ≤ {pnorm + omega:.3e}")
-            elif not budget_left():
-                message = (f"budget of {self.max_cost} lower-level + CG iterations exhausted "
-                           f"(used {state['cost']})")
-            elif self.callback is not None and self.callback(record, theta):
-                message = "stopped by callback"
-            else:
-                stop = False
-            if stop or k == self.max_iter - 1:
+    def _line_search(self, st: MAIDState, batch: Any, hg: Hypergradient, pnorm: float,
+                     record: Dict[str, Any]) -> None:
+        """Steps 2 and 3: inexact backtracking from ``θ_k`` along ``z_k``, then adapt."""
+        z, omega, allowance = hg.theta_grad, float(hg.error_bound), hg.bound.loss
+        lower = hg.loss - allowance - _roundoff(hg.loss)  # ≤ the true loss at θ_k
+        b, accepted, coarse, backtracks, cost0 = st.beta, False, False, 0, st.cost
+        for _ in range(self.max_backtracks):
+            trial = project(theta_axpy(-b, z, st.theta), self.bounds)
+            move = theta_distance(trial, st.theta)
+            if move == 0.0:
                 break
-
-            # ---- 2. inexact backtracking line search ----------------------------------------
-            z = hg.theta_grad
-            lower = hg.loss - allowance - self._roundoff(hg.loss)  # ≤ the true loss at θ_k
-            b = beta
-            accepted_step = coarse = False
-            backtracks = 0
-            move_sq = 0.0
-            cost_before = state["cost"]
-            for _ in range(self.max_backtracks):
-                trial = project({n: theta[n] - b * z[n] for n in theta}, self.bounds)
-                move_sq = sum(float(((trial[n] - theta[n]).double() ** 2).sum()) for n in theta)
-                if move_sq == 0.0:
-                    break
-                sol_t = solve(trial, eps, sol.x)
-                hg_t = evaluate(trial, sol_t, False)
-                loss_t, a_t = hg_t.loss, float(hg_t.info["loss_error_bound"])
-                a_t += self._roundoff(loss_t)
-                if finite(loss_t, a_t) and loss_t + a_t <= lower - self.c1 * move_sq / b:
-                    accepted_step = True
-                    theta, sol, sol_eps, hg, hg_delta = trial, sol_t, eps, hg_t, delta
-                    break
+            st.last_theta = trial
+            sol_t = self._maid_solve(st, trial, batch, st.eps, st.sol.x, trial=True)
+            if sol_t is None:  # the inner problem fails there: a shorter step
                 backtracks += 1
-                # first-order model: no step along z can decrease ℓ by more than ‖∇ℓ‖‖θ⁺ − θ_k‖
-                max_decrease = (gnorm + omega) * math.sqrt(move_sq)
-                if allowance + a_t >= max_decrease or (
-                        finite(loss_t) and loss_t <= hg.loss - self.c1 * move_sq / b):
-                    # the computed loss decreased enough and only the allowances a_k + a⁺ spoil
-                    # the certificate: a shorter step cannot help (it shrinks the margin), a
-                    # tighter ε can -- end the line search as failed
-                    coarse = True
-                    break
                 b *= self.rho
-                if not budget_left():
-                    break
-            record.update(step_size=b, step_accepted=accepted_step, backtracks=backtracks,
-                          line_search_coarse=coarse, line_search_cost=state["cost"] - cost_before)
-            if accepted_step:
-                beta = b * self.grow
-                eps, delta = eps * self.nu, delta * self.nu
-            else:
-                if eps <= self.eps_min:
-                    message = (f"no certified decrease at the accuracy floor eps_min = "
-                               f"{self.eps_min:.1e} (iteration {k}: the loss allowances and "
-                               f"round-off exceed the decrease a step can show; ‖G(z)‖ + ω = "
-                               f"{pnorm + omega:.3e})")
-                    break
-                # the allowances a depend on ε only; a line search that ran out of trial steps
-                # may also have had a poor direction, so then δ is tightened as well
-                eps = max(eps * self.tau, self.eps_min)
-                if not coarse:
-                    delta *= self.tau
-            if not budget_left():
-                message = (f"budget of {self.max_cost} lower-level + CG iterations exhausted "
-                           f"(used {state['cost']})")
+                continue
+            try:
+                hg_t = self._maid_evaluate(st, trial, batch, sol_t, False)
+            except (NotStronglyConvexError, NonPositiveCurvatureError, FloatingPointError):
+                backtracks += 1  # the trial left the region where the problem is well posed
+                b *= self.rho
+                continue
+            loss_t, a_t = hg_t.loss, hg_t.bound.loss + _roundoff(hg_t.loss)
+            if _finite(loss_t, a_t) and loss_t + a_t <= lower - self.c1 * move ** 2 / b:
+                accepted = True
+                st.theta, st.sol, st.x, st.sol_eps = trial, sol_t, sol_t.x, st.eps
+                st.hg, st.hg_delta = hg_t, st.delta
                 break
-        if bar is not None:
-            bar.close()
-        final_theta, final_x = last_ok if last_ok is not None else (theta, x)
-        params = (self.outer.trainable_parameters().items()
-                  if hasattr(self.outer, "trainable_parameters") else [])
-        return Result(theta={n: v.detach().clone() for n, v in final_theta.items()}, x=final_x,
-                      history=history, success=success, message=message, n_iter=len(history),
-                      params={n: p.detach().clone() for n, p in params})
+            backtracks += 1
+            # no step along z decreases ℓ by more than (‖z‖ + ω)‖θ⁺ − θ_k‖; if the computed loss
+            # decreased enough and only the allowances spoil the certificate, a shorter step
+            # cannot help, a tighter ε can: end the line search as failed ("coarse")
+            if allowance + a_t >= (hg.norm() + omega) * move or (
+                    _finite(loss_t) and loss_t <= hg.loss - self.c1 * move ** 2 / b):
+                coarse = True
+                break
+            b *= self.rho
+            if not self._budget_left(st):
+                break
+        record.update(step_size=b, step_accepted=accepted, backtracks=backtracks,
+                      line_search_coarse=coarse, line_search_cost=st.cost - cost0)
+        self._adapt(st, accepted, coarse, b, pnorm + omega)
 
+    def _adapt(self, st: MAIDState, accepted: bool, coarse: bool, b: float, cert: float) -> None:
+        if accepted:
+            if self._step_params(st.hg.param_grads):  # φ moved: the cached values are stale
+                st.hg = None
+                st.sol_eps = st.eps
+            st.beta = b * self.grow
+            st.eps, st.delta = st.eps * self.nu, st.delta * self.nu
+        elif st.eps <= st.eps_floor:
+            self._floor_verdict(st, cert, "the loss allowances and round-off exceed the decrease "
+                                          "a step can show")
+            return
+        else:
+            st.eps = max(st.eps * self.tau, st.eps_floor)
+            if not coarse:  # a line search that ran out of trial steps: maybe a poor direction
+                st.delta *= self.tau
+        if not self._budget_left(st):
+            st.message = (f"budget of {self.max_cost} lower-level + CG iterations exhausted "
+                          f"(used {st.cost})")

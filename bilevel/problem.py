@@ -31,15 +31,20 @@ __all__ = [
     "Bounds",
     "InnerProblem",
     "OuterLoss",
-    "TaskOperator",
     "HypergradientEstimator",
     "Hypergradient",
+    "ErrorBound",
     "check_theta",
     "check_tolerance",
     "check_finite",
     "project",
     "theta_norm",
     "theta_floats",
+    "theta_axpy",
+    "theta_sub",
+    "theta_dot",
+    "theta_distance",
+    "validate_inner",
 ]
 
 
@@ -99,6 +104,26 @@ def theta_floats(theta: Mapping[str, Tensor]) -> Dict[str, Any]:
     return {k: (float(v) if v.numel() == 1 else v.detach().cpu().tolist()) for k, v in theta.items()}
 
 
+def theta_axpy(a: float, d: Mapping[str, Tensor], theta: Mapping[str, Tensor]) -> Theta:
+    """``θ + a·d`` per name (detached)."""
+    return {k: (theta[k] + a * d[k]).detach() for k in theta}
+
+
+def theta_sub(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Theta:
+    """``a − b`` per name (detached)."""
+    return {k: (a[k] - b[k]).detach() for k in a}
+
+
+def theta_dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
+    """``⟨a, b⟩ = Σ_k ⟨a[k], b[k]⟩`` in float64."""
+    return sum(float((a[k].double() * b[k].double()).sum()) for k in a)
+
+
+def theta_distance(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
+    """``‖a − b‖`` over all names (float64)."""
+    return theta_norm(theta_sub(a, b))
+
+
 @dataclass
 class Bounds:
     """Box constraints ``lower[k] ≤ θ[k] ≤ upper[k]`` for the named hyperparameters.
@@ -110,6 +135,16 @@ class Bounds:
     upper: Dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
+        for side, values in (("lower", self.lower), ("upper", self.upper)):
+            if not isinstance(values, Mapping):
+                raise TypeError(f"Bounds.{side} must be a dict name -> float, got {type(values).__name__}")
+            for k, v in values.items():
+                try:
+                    fv = float(v)
+                except (TypeError, ValueError):
+                    raise TypeError(f"Bounds.{side}[{k!r}] must be a real number, got {v!r}") from None
+                if math.isnan(fv):
+                    raise ValueError(f"Bounds.{side}[{k!r}] is NaN")
         for k in set(self.lower) & set(self.upper):
             if self.lower[k] > self.upper[k]:
                 raise ValueError(
@@ -164,6 +199,11 @@ class InnerProblem(ABC):
     def init(self, theta: Theta, batch: Any) -> Tensor:
         """Initial point ``x⁰`` (shape ``(B, ...)``) for the inner solver."""
 
+    def lipschitz(self, theta: Theta, batch: Any) -> Optional[float]:
+        """A constant ``L`` with ``‖∇ₓΦ_b(x) − ∇ₓΦ_b(x')‖ ≤ L‖x − x'‖`` (gradient-step size
+        ``1/L`` for :class:`~bilevel.Unrolled`); ``None`` (default) when unknown."""
+        return None
+
     def strong_convexity_constant(self, theta: Theta, batch: Any) -> Optional[float]:
         """``μ`` with ``∇²ₓₓΦ_b ⪰ μI`` for the given θ and batch (default :attr:`strong_convexity`)."""
         return self.strong_convexity
@@ -208,14 +248,47 @@ class InnerProblem(ABC):
         check_finite("x", x)
 
 
+def validate_inner(inner: "InnerProblem", theta: Theta, batch: Any, x: Tensor) -> Tensor:
+    """Check once, before any work, that ``inner`` behaves as the interface says at ``(x, θ)``.
+
+    ``x`` must have a batch dimension with at least one sample; ``Φ(x; θ)`` must have shape
+    ``(B,)``, be finite and be differentiable in ``x``. Raises ``ValueError``/``TypeError``
+    naming what is wrong. Returns ``Φ(x; θ)`` (detached).
+    """
+    name = type(inner).__name__
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError(f"x must have a batch dimension (shape (B, ...)), got a 0-d tensor; "
+                         f"{name}.init or x0 must return x[None] for a single sample")
+    if x.shape[0] == 0:
+        raise ValueError(f"the batch is empty: x has shape {tuple(x.shape)} (B = 0)")
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        phi = inner.objective(xg, {k: v.detach() for k, v in theta.items()}, batch)
+        if not isinstance(phi, Tensor):
+            raise TypeError(f"{name}.objective must return a tensor of shape (B,) = "
+                            f"({x.shape[0]},), got {type(phi).__name__}")
+        if tuple(phi.shape) != (x.shape[0],):
+            raise ValueError(f"{name}.objective must return one value per sample, shape (B,) = "
+                             f"({x.shape[0]},); got shape {tuple(phi.shape)}")
+        if not bool(torch.isfinite(phi).all()):
+            raise ValueError(f"{name}.objective is not finite at the initial point for theta = "
+                             f"{theta_floats(theta)}: {phi.detach().tolist()[:4]}")
+        if not phi.requires_grad:
+            raise ValueError(f"{name}.objective is not differentiable in x (its output does not "
+                             f"depend on x through autograd: detached, or computed in numpy?)")
+    return phi.detach()
+
+
 # ---------------------------------------------------------------------------------------------
-# outer loss and task operator
+# outer loss
 # ---------------------------------------------------------------------------------------------
 class OuterLoss(nn.Module, ABC):
     """Upper-level loss ``ℓ(x, θ, batch)``, returning a scalar.
 
     An ``OuterLoss`` is an ``nn.Module``: any trainable parameter it holds (for example the
-    fine-tuned layers of a :class:`TaskOperator`) receives its gradient ``∇_φ ℓ`` with the
+    fine-tuned layers of a task network) receives its gradient ``∇_φ ℓ`` with the
     hypergradient. The inner solution does not depend on those parameters, so that gradient is
     the plain partial derivative.
     """
@@ -229,54 +302,37 @@ class OuterLoss(nn.Module, ABC):
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
 
-class TaskOperator(nn.Module):
-    """A task network ``T`` (segmenter, classifier) with an explicit frozen / fine-tuned split.
-
-    ``finetune`` is a list of parameter-name prefixes (e.g. ``["up3", "outc"]``) whose parameters
-    stay trainable; every other parameter is frozen (``requires_grad = False``). With
-    ``finetune=None`` all are frozen (a fixed, pretrained ``T*``). The wrapped network is put in
-    eval mode by default so batch-norm statistics do not drift during bilevel learning.
-    """
-
-    def __init__(self, network: nn.Module, finetune: Optional[list] = None, eval_mode: bool = True):
-        super().__init__()
-        if not isinstance(network, nn.Module):
-            raise TypeError(f"network must be an nn.Module, got {type(network).__name__}")
-        self.network = network
-        names = [n for n, _ in network.named_parameters()]
-        self.finetune = list(finetune or [])
-        for prefix in self.finetune:
-            if not any(n == prefix or n.startswith(prefix + ".") for n in names):
-                raise ValueError(
-                    f"finetune prefix {prefix!r} matches no parameter of {type(network).__name__}; "
-                    f"first names: {names[:8]}")
-        for n, p in network.named_parameters():
-            p.requires_grad_(any(n == pre or n.startswith(pre + ".") for pre in self.finetune))
-        self._eval_mode = eval_mode
-        if eval_mode:
-            self.network.eval()
-
-    def train(self, mode: bool = True):  # keep a frozen network in eval mode
-        super().train(mode)
-        if self._eval_mode:
-            self.network.eval()
-        return self
-
-    @property
-    def frozen_names(self):
-        return [n for n, p in self.network.named_parameters() if not p.requires_grad]
-
-    @property
-    def trainable_names(self):
-        return [n for n, p in self.network.named_parameters() if p.requires_grad]
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.network(x)
-
-
 # ---------------------------------------------------------------------------------------------
 # hypergradient estimator
 # ---------------------------------------------------------------------------------------------
+@dataclass
+class ErrorBound:
+    """A-posteriori accuracy of one hypergradient ``z`` (filled by :class:`~bilevel.AdaptiveInexact`).
+
+    ``loss`` ``a ≥ |ℓ(x̃) − ℓ(x̂)|`` (dual-weighted residual); ``grad`` ``ω ≥ ‖z − ∇ℓ(θ)‖``
+    (``None`` until computed); ``terms`` the summands of ``ω`` by name; ``mu`` the strong-convexity
+    constant used; ``x_error`` ``ē = ‖(r_b/μ)_b‖``; ``inner_residual`` ``r_b = ‖∇ₓΦ_b(x̃_b)‖`` and
+    ``cg_residual`` ``ρ_b`` per sample; ``outer_x_grad_norm`` ``‖(∇ₓℓ)_b‖``; ``mixed_norm``
+    ``‖∇²_{xθ}Φ‖``; ``lipschitz`` the constants used; ``products`` gradient / Hessian / mixed
+    products spent on the bound (already counted in ``Hypergradient.cg_iterations``).
+    """
+
+    loss: float
+    mu: float
+    x_error: float
+    inner_residual: Tensor
+    cg_residual: Tensor
+    outer_x_grad_norm: Tensor
+    products: int = 0
+    hessian_closed: bool = False
+    grad: Optional[float] = None
+    terms: Dict[str, float] = field(default_factory=dict)
+    mixed_norm: Optional[float] = None
+    lipschitz: Dict[str, float] = field(default_factory=dict)
+    #: what :meth:`AdaptiveInexact.complete` needs to finish ``ω`` at the same point (private)
+    pending: Any = field(default=None, repr=False)
+
+
 @dataclass
 class Hypergradient:
     """One hypergradient and what it cost.
@@ -290,6 +346,10 @@ class Hypergradient:
     cg_converged: whether every sample's CG met its tolerance.
     extra_inner_steps: differentiable inner steps taken by the estimator (``Unrolled``).
     error_bound: an a-posteriori bound on ``‖g − ∇ℓ(θ)‖`` when the estimator supplies one.
+    bound: the full :class:`ErrorBound` record (``None`` for estimators without bounds).
+    adjoint: the adjoint ``q ≈ (∇²ₓₓΦ)⁻¹∇ₓℓ`` of implicit estimators (``None`` otherwise); with the
+        inner residual ``r = ∇ₓΦ(x̃)``, ``ℓ(x̃) − ⟨q, r⟩`` is a second-order accurate value of
+        ``ℓ(x̂)`` (the dual-weighted correction the outer loops use).
     """
 
     loss: float
@@ -300,6 +360,8 @@ class Hypergradient:
     extra_inner_steps: int = 0
     error_bound: Optional[float] = None
     info: Dict[str, Any] = field(default_factory=dict)
+    bound: Optional[ErrorBound] = None
+    adjoint: Optional[Tensor] = None
 
     def norm(self) -> float:
         """Euclidean norm of the θ-part of the hypergradient."""
@@ -316,8 +378,18 @@ class HypergradientEstimator(ABC):
 
     @abstractmethod
     def __call__(self, inner: InnerProblem, outer: OuterLoss, theta: Theta, batch: Any,
-                 x: Tensor, tol: float) -> Hypergradient:  # pragma: no cover
+                 x: Tensor, tol: float, relative: bool = False) -> Hypergradient:  # pragma: no cover
+        """``tol``: accuracy of the estimator's linear solves, absolute per sample, or relative
+        to ``‖(∇ₓℓ)_b‖`` when ``relative`` (what the outer loops pass)."""
         ...
+
+    def _warm(self, like: Tensor) -> Optional[Tensor]:
+        """The stored warm start ``q`` when warm starts are on and it matches ``like``."""
+        q = getattr(self, "_q", None)
+        if (getattr(self, "warm_start", False) and q is not None and q.shape == like.shape
+                and q.dtype == like.dtype and q.device == like.device):
+            return q
+        return None
 
     def warm_state(self) -> Dict[str, Any]:
         """Warm-start state worth checkpointing (CG's last ``q`` for the CG estimators)."""

@@ -51,7 +51,7 @@ def main(argv=None):
     inner, outer = TVDenoising(), MSEToTarget()
     theta0 = {"log_weight": torch.tensor(-5.0, dtype=dt), "log_smoothing": torch.tensor(-3.0, dtype=dt)}
 
-    hoag = HOAG(inner, outer, tolerance="geometric", tol0=1e-5, tol_rate=0.8, max_iter=args.iters,
+    hoag = HOAG(inner, outer, max_iter=args.iters,
                 bounds=Bounds(lower={"log_smoothing": -12.0}, upper={"log_smoothing": 2.0}),
                 progress=not args.no_progress)
     t0 = time.perf_counter()

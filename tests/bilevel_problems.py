@@ -1,6 +1,7 @@
 """Small bilevel problems with closed-form solutions, shared by the bilevel tests."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -81,3 +82,75 @@ class ScaledTargetOuter(OuterLoss):
 
     def forward(self, x, theta, batch):
         return ((x - batch["target"]) ** 2).mean()
+
+
+class RidgeInner(InnerProblem):
+    """Ridge regression ``Φ(w; θ) = c·agg((Xw − y)²) + c·λ‖w‖²`` with ``agg`` the mean or the sum
+    over the ``n`` training samples; ``λ = e^{θ}`` (``param="log"``) or ``λ = θ`` (``"raw"``,
+    ill-posed for ``λ < 0`` when ``n < d``). One problem per batch sample: ``w`` is ``(1, d)``."""
+
+    theta_names = ("lam",)
+
+    def __init__(self, convention: str = "mean", scale: float = 1.0, param: str = "log"):
+        self.convention, self.scale, self.param = convention, scale, param
+
+    def lam(self, theta):
+        return torch.exp(theta["lam"]) if self.param == "log" else theta["lam"]
+
+    def _agg(self, r):
+        return r.mean(-1) if self.convention == "mean" else r.sum(-1)
+
+    def objective(self, x, theta, batch):
+        resid = x @ batch["X"].T - batch["y"]
+        return self.scale * (self._agg(resid ** 2) + self.lam(theta) * (x ** 2).sum(-1))
+
+    def init(self, theta, batch):
+        return torch.zeros(1, batch["X"].shape[1], dtype=batch["X"].dtype)
+
+    def strong_convexity_constant(self, theta, batch):
+        return 2 * self.scale * float(self.lam(theta))
+
+    def closed_form(self, lam: float, batch):
+        X, y = batch["X"], batch["y"]
+        G = X.T @ X
+        rhs = X.T @ y
+        if self.convention == "mean":
+            G, rhs = G / X.shape[0], rhs / X.shape[0]
+        return torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=G.dtype), rhs)[None]
+
+
+class RidgeOuter(OuterLoss):
+    """Validation error ``c·agg((X_v w − y_v)²)`` (mean or sum)."""
+
+    def __init__(self, convention: str = "mean", scale: float = 1.0):
+        super().__init__()
+        self.convention, self.scale = convention, scale
+
+    def forward(self, x, theta, batch):
+        r = (x @ batch["Xv"].T - batch["yv"]) ** 2
+        return self.scale * (r.mean() if self.convention == "mean" else r.sum())
+
+
+def ridge_problem(n: int, seed: int = 0, d: int = 20, noise: float = 2.0):
+    """A ridge data set with an interior hyper-optimum: ``n`` training and ``n`` validation
+    samples, ``d`` features, true weights ``~N(0, 1/d)``, noise ``σ = noise``."""
+    g = torch.Generator().manual_seed(seed)
+    dt = torch.float64
+    w = torch.randn(d, generator=g, dtype=dt) / d ** 0.5
+    X = torch.randn(n, d, generator=g, dtype=dt)
+    Xv = torch.randn(n, d, generator=g, dtype=dt)
+    return {"X": X, "y": X @ w + noise * torch.randn(n, generator=g, dtype=dt),
+            "Xv": Xv, "yv": Xv @ w + noise * torch.randn(n, generator=g, dtype=dt)}
+
+
+def ridge_optimum(inner: RidgeInner, outer: RidgeOuter, batch) -> float:
+    """The exact hyper-optimum ``λ*`` by a fine bounded scalar search on the closed form."""
+    from scipy.optimize import minimize_scalar
+
+    def f(log_lam):
+        with torch.no_grad():
+            return float(outer(inner.closed_form(float(np.exp(log_lam)), batch), {}, batch))
+
+    res = minimize_scalar(f, bounds=(-14.0, 12.0), method="bounded",
+                          options={"xatol": 1e-12, "maxiter": 500})
+    return float(np.exp(res.x))

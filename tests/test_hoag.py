@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from bilevel import HOAG, Bounds, ImplicitCG, OuterLoss, TaskOperator, Unrolled
+from bilevel import HOAG, Bounds, ImplicitCG, OuterLoss, Result, Unrolled
 from bilevel.history import tolerance_schedule
 from recon.losses import MSEToTarget
 from recon.problems import TVDenoising
@@ -25,21 +25,23 @@ def _shrinkage_batch(c=0.6, seed=0):
 def test_hoag_reaches_known_optimum(schedule):
     c = 0.6
     opt = math.log(1 / c - 1)  # x̂ = y/(1+e^θ) = c·y
-    hoag = HOAG(ShrinkageInner(), ScaledTargetOuter(), tolerance=schedule, tol0=1e-4, max_iter=60,
-                gtol=1e-9)
+    hoag = HOAG(ShrinkageInner(), ScaledTargetOuter(), tolerance=schedule, max_iter=100)
     res = hoag.run({"log_reg": torch.tensor(2.0, dtype=DT)}, _shrinkage_batch(c))
-    assert abs(float(res.theta["log_reg"]) - opt) < 1e-3, res.history.column("theta")[-3:]
+    assert res.success, res.message
+    assert abs(float(res.theta["log_reg"]) - opt) < 1e-4, res.history.column("theta")[-3:]
     assert res.history[-1]["upper_loss"] < 1e-6
 
 
 def test_hoag_history_records_and_bounds():
     batch = _shrinkage_batch(0.6)
-    hoag = HOAG(ShrinkageInner(), ScaledTargetOuter(), max_iter=8, bounds=Bounds(lower={"log_reg": 0.5}))
+    hoag = HOAG(ShrinkageInner(), ScaledTargetOuter(), max_iter=30, bounds=Bounds(lower={"log_reg": 0.5}))
     res = hoag.run({"log_reg": torch.tensor(2.0, dtype=DT)}, batch)
     keys = {"iteration", "upper_loss", "grad_norm", "tol", "inner_iterations", "cg_iterations",
-            "seconds", "step_size", "accepted", "inner_converged", "cg_converged", "theta"}
+            "seconds", "step_size", "accepted", "inner_converged", "cg_converged", "theta",
+            "reason", "inner_tol", "cost", "elapsed"}
     assert keys <= set(res.history[0])
-    assert len(res.history) == 8 and not res.success and "maximum" in res.message
+    # on the bound the projected hypergradient vanishes: a converged run stops by itself
+    assert res.success and "converged" in res.message and len(res.history) < 30
     # the optimum log(2/3) < 0.5 lies outside the box: projection holds θ on the bound
     assert float(res.theta["log_reg"]) == pytest.approx(0.5)
     assert all(t["log_reg"] >= 0.5 - 1e-12 for t in res.history.column("theta"))
@@ -50,7 +52,7 @@ def test_hoag_learns_tv_parameters_that_beat_the_initial_ones():
     clean = torch.zeros(4, 1, 24, 24, dtype=DT)
     clean[:, :, 6:18, 6:18] = 1.0
     batch = {"y": clean + 0.2 * torch.randn(clean.shape, generator=g, dtype=DT), "image": clean}
-    hoag = HOAG(TVDenoising(), MSEToTarget(), max_iter=15, tol0=1e-6)
+    hoag = HOAG(TVDenoising(), MSEToTarget(), max_iter=15)
     theta0 = {"log_weight": torch.tensor(-5.0, dtype=DT), "log_smoothing": torch.tensor(-4.0, dtype=DT)}
     res = hoag.run(theta0, batch)
     first, last = res.history[0]["upper_loss"], res.upper_loss
@@ -90,37 +92,57 @@ class _TinyNet(nn.Module):
 
 
 class _TaskLoss(OuterLoss):
-    def __init__(self, task):
+    """A task network after the reconstruction; only its head is trainable."""
+
+    def __init__(self, net):
         super().__init__()
-        self.task = task
+        self.net = net
+        for p in net.body.parameters():
+            p.requires_grad_(False)
 
     def forward(self, x, theta, batch):
-        return ((self.task(x) - batch["label"]) ** 2).mean()
+        return ((self.net(x) - batch["label"]) ** 2).mean()
 
 
-def test_task_operator_freezes_all_but_finetuned_layers_and_hoag_updates_them():
-    torch.manual_seed(0)
+def _task_setup(seed=0):
+    torch.manual_seed(seed)
     net = _TinyNet().double()
-    task = TaskOperator(net, finetune=["head"])
-    assert task.trainable_names == ["head.weight", "head.bias"]
-    assert set(task.frozen_names) == {"body.weight", "body.bias"}
-    outer = _TaskLoss(task)
-    body0 = net.body.weight.detach().clone()
-    head0 = net.head.weight.detach().clone()
+    outer = _TaskLoss(net)
     g = torch.Generator().manual_seed(1)
     clean = torch.rand(2, 1, 8, 8, generator=g, dtype=DT)
     batch = {"y": clean + 0.1 * torch.randn(clean.shape, generator=g, dtype=DT), "label": clean}
+    theta0 = {"log_weight": torch.tensor(-3.0, dtype=DT), "log_smoothing": torch.tensor(-4.0, dtype=DT)}
+    return net, outer, batch, theta0
+
+
+def test_param_optimizer_steps_only_the_trainable_layers():
+    net, outer, batch, theta0 = _task_setup()
+    body0, head0 = net.body.weight.detach().clone(), net.head.weight.detach().clone()
     opt = torch.optim.Adam(outer.trainable_parameters().values(), lr=1e-2)
-    res = HOAG(TVDenoising(), outer, max_iter=4, param_optimizer=opt).run(
-        {"log_weight": torch.tensor(-3.0, dtype=DT), "log_smoothing": torch.tensor(-4.0, dtype=DT)}, batch)
+    res = HOAG(TVDenoising(), outer, max_iter=4, param_optimizer=opt).run(theta0, batch)
     assert torch.equal(net.body.weight, body0)
     assert not torch.equal(net.head.weight, head0)
-    assert set(res.params) == {"task.network.head.weight", "task.network.head.bias"}
+    assert set(res.params) == {"net.head.weight", "net.head.bias"}
 
 
-def test_task_operator_rejects_unknown_prefix():
-    with pytest.raises(ValueError, match="nohead"):
-        TaskOperator(_TinyNet(), finetune=["nohead"])
+def test_resume_restores_trainable_parameters_and_optimizer_state(tmp_path):
+    path = str(tmp_path / "ft.pt")
+    net, outer, batch, theta0 = _task_setup()
+    opt = torch.optim.Adam(outer.trainable_parameters().values(), lr=1e-2)
+    full = HOAG(TVDenoising(), outer, max_iter=6, param_optimizer=opt, gtol=0, xtol=0).run(theta0, batch)
+
+    net, outer, batch, theta0 = _task_setup()
+    opt = torch.optim.Adam(outer.trainable_parameters().values(), lr=1e-2)
+    HOAG(TVDenoising(), outer, max_iter=6, param_optimizer=opt, checkpoint=path, gtol=0, xtol=0,
+         callback=lambda rec, th: rec["iteration"] == 2).run(theta0, batch)
+    net, outer, batch, theta0 = _task_setup()  # a fresh process: parameters back at the start
+    opt = torch.optim.Adam(outer.trainable_parameters().values(), lr=1e-2)
+    resumed = HOAG(TVDenoising(), outer, max_iter=6, param_optimizer=opt, gtol=0, xtol=0).run(
+        theta0, batch, resume=Result.load(path))
+    assert len(resumed.history) == 6
+    for n in full.params:
+        assert torch.allclose(resumed.params[n], full.params[n], rtol=1e-9, atol=1e-12), n
+    assert resumed.history.column("upper_loss") == pytest.approx(full.history.column("upper_loss"), rel=1e-9)
 
 
 def test_tolerance_schedules():
@@ -160,3 +182,16 @@ def test_resume_rejects_a_foreign_result():
     with pytest.raises(ValueError, match="resume"):
         HOAG(ShrinkageInner(), ScaledTargetOuter()).run({"log_reg": torch.tensor(0.0, dtype=DT)},
                                                         _shrinkage_batch(), resume=foreign)
+
+
+def test_resume_checks_bounds_and_warns_on_another_batch(tmp_path):
+    path = str(tmp_path / "h.pt")
+    theta0 = {"log_reg": torch.tensor(2.0, dtype=DT)}
+    HOAG(ShrinkageInner(), ScaledTargetOuter(), max_iter=3, checkpoint=path).run(theta0, _shrinkage_batch())
+    saved = Result.load(path)
+    with pytest.raises(ValueError, match="bounds"):
+        HOAG(ShrinkageInner(), ScaledTargetOuter(), max_iter=5, bounds=Bounds(lower={"log_reg": 0.0})).run(
+            theta0, _shrinkage_batch(), resume=saved)
+    with pytest.warns(RuntimeWarning, match="batch differs"):
+        HOAG(ShrinkageInner(), ScaledTargetOuter(), max_iter=5).run(theta0, _shrinkage_batch(seed=3),
+                                                                    resume=saved)

@@ -1,0 +1,311 @@
+"""The outer-loop base shared by :class:`~bilevel.HOAG` and :class:`~bilevel.MAID`.
+
+An outer loop minimises ``ℓ(θ) = ℓ(x̂(θ), θ)`` over θ. The base class does everything that is
+not the algorithm itself: input validation (θ names, bounds, the inner objective's shape and
+differentiability), projection onto the bounds, the progress bar, warn-once messages, the
+History, the best iterate, steps of the outer loss' trainable parameters (``param_optimizer``),
+atomic checkpoints and resume. A subclass supplies an explicit state dataclass and two hooks:
+
+* ``_start(theta, batch, x0) -> state`` -- the state before the first iteration;
+* ``_iterate(state, batch) -> record`` -- one outer iteration; it returns the History record
+  (a dict) and sets ``state.message`` (and ``state.success``) when the run should stop.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .history import History, Result, check_writable
+from .linalg import NonPositiveCurvatureError
+from .problem import (Bounds, HypergradientEstimator, InnerProblem, OuterLoss, Theta, check_theta,
+                      project, theta_floats, validate_inner)
+from .solvers import SolveResult, solve_inner
+
+__all__ = ["LoopState", "OuterLoop", "batch_fingerprint"]
+
+
+@dataclass
+class LoopState:
+    """What every outer loop carries between iterations (checkpointed, except ``TRANSIENT``).
+
+    ``theta``/``x``: the current accepted iterate and its inner solution; ``k`` iterations done;
+    ``elapsed`` seconds; ``cost`` inner + CG iterations so far; ``best_*`` the accepted iterate
+    with the lowest upper loss; ``last_theta`` the last point tried.
+    """
+
+    theta: Theta
+    x: Optional[Tensor] = None
+    k: int = 0
+    elapsed: float = 0.0
+    cost: int = 0
+    success: bool = False
+    message: Optional[str] = None
+    best_theta: Optional[Theta] = None
+    best_x: Optional[Tensor] = None
+    best_loss: float = math.inf
+    best_iteration: Optional[int] = None
+    last_theta: Optional[Theta] = None
+    warned: List[str] = field(default_factory=list)
+
+    #: field names that are not written to checkpoints (recomputed after a resume)
+    TRANSIENT: ClassVar[Tuple[str, ...]] = ()
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The checkpointable fields (tensors, numbers, strings, lists, dicts only)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.TRANSIENT}
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "LoopState":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def batch_fingerprint(batch: Any) -> str:
+    """A short digest of the tensors in ``batch`` (shapes, dtypes, sums) to notice a resume on
+    other data."""
+    h = hashlib.sha1()
+
+    def walk(obj):
+        if isinstance(obj, Tensor):
+            t = obj.detach()
+            h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+            if t.numel() and (t.is_floating_point() or not t.is_complex()):
+                td = t.double()
+                h.update(f"{float(td.sum()):.12e}{float(td.abs().sum()):.12e}".encode())
+        elif isinstance(obj, dict):
+            for k in sorted(obj, key=str):
+                h.update(str(k).encode())
+                walk(obj[k])
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v)
+        else:
+            h.update(repr(obj).encode()[:200])
+
+    walk(batch)
+    return h.hexdigest()[:16]
+
+
+def _bounds_dict(bounds: Optional[Bounds]) -> Dict[str, Dict[str, float]]:
+    if bounds is None:
+        return {"lower": {}, "upper": {}}
+    return {"lower": {k: float(v) for k, v in bounds.lower.items()},
+            "upper": {k: float(v) for k, v in bounds.upper.items()}}
+
+
+class OuterLoop:
+    """Base of the outer loops (see the module docstring). Not used directly."""
+
+    name = "outer"
+    State = LoopState
+
+    def __init__(self, inner: InnerProblem, outer: OuterLoss, estimator: HypergradientEstimator,
+                 *, max_iter: int, bounds: Optional[Bounds], inner_method: str,
+                 inner_max_iter: Optional[int], param_optimizer: Optional[torch.optim.Optimizer],
+                 callback: Optional[Callable], progress: bool, checkpoint: Optional[str]):
+        if not isinstance(inner, InnerProblem):
+            raise TypeError(f"inner must be an InnerProblem, got {type(inner).__name__}")
+        if not callable(outer):
+            raise TypeError(f"outer must be callable (an OuterLoss), got {type(outer).__name__}")
+        if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
+            raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+        if bounds is not None and not isinstance(bounds, Bounds):
+            raise TypeError(f"bounds must be a bilevel.Bounds, got {type(bounds).__name__}")
+        if inner_max_iter is not None and (not isinstance(inner_max_iter, int) or inner_max_iter < 1):
+            raise ValueError(f"inner_max_iter must be a positive int or None, got {inner_max_iter!r}")
+        if param_optimizer is not None and not isinstance(param_optimizer, torch.optim.Optimizer):
+            raise TypeError(f"param_optimizer must be a torch.optim.Optimizer, got "
+                            f"{type(param_optimizer).__name__}")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        if checkpoint is not None:
+            check_writable(checkpoint, "checkpoint")
+        self.inner, self.outer, self.estimator = inner, outer, estimator
+        self.max_iter, self.bounds = max_iter, bounds
+        self.inner_method, self.inner_max_iter = inner_method, inner_max_iter
+        self.param_optimizer, self.callback = param_optimizer, callback
+        self.progress, self.checkpoint = progress, checkpoint
+
+    # ----- hooks ------------------------------------------------------------------------------
+    def _start(self, theta: Theta, batch: Any, x0: Optional[Tensor]) -> LoopState:
+        raise NotImplementedError
+
+    def _iterate(self, st: LoopState, batch: Any) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    # ----- the loop ---------------------------------------------------------------------------
+    def run(self, theta0: Theta, batch: Any, x0: Optional[Tensor] = None,
+            resume: Optional[Result] = None) -> Result:
+        """Run from ``theta0`` on ``batch`` (``x0``: optional warm start of the inner solve).
+
+        ``resume``: the :class:`~bilevel.Result` of an earlier, interrupted run of the same
+        problem (``Result.load(checkpoint)``); the run continues where it stopped, up to
+        ``max_iter`` iterations in all, with its state, History, the outer loss' trainable
+        parameters and the optimizer's state.
+        """
+        theta = self._check_start(theta0, batch, x0)
+        if resume is not None:
+            st = self._restore(resume, theta, batch)
+            history = History(list(resume.history.records))
+        else:
+            self.estimator.reset()
+            st = self._start(theta, batch, x0)
+            history = History()
+        bar = self._progress_bar(st.k)
+        try:
+            while st.message is None and st.k < self.max_iter:
+                t0 = time.perf_counter()
+                record = self._iterate(st, batch)
+                seconds = time.perf_counter() - t0
+                st.elapsed += seconds
+                record = dict(iteration=st.k, **record, seconds=seconds, elapsed=st.elapsed,
+                              cost=st.cost)
+                history.append(**record)
+                st.k += 1
+                if bar is not None:
+                    bar.set_postfix(loss=f"{record['upper_loss']:.4g}", tol=f"{record['tol']:.1e}")
+                    bar.update(1)
+                if st.message is None and self.callback is not None and self.callback(record, st.theta):
+                    st.message = "stopped by callback"
+                if self.checkpoint is not None:
+                    self._result(st, history, batch).save(self.checkpoint)
+        finally:
+            if bar is not None:
+                bar.close()
+        if st.message is None:
+            st.message = f"maximum number of outer iterations ({self.max_iter}) reached"
+        result = self._result(st, history, batch)
+        if self.checkpoint is not None:
+            result.save(self.checkpoint)
+        if not st.success and not st.message.startswith(("maximum number", "stopped by callback")):
+            warnings.warn(f"{self.name} did not succeed: {st.message}", RuntimeWarning)
+        return result
+
+    # ----- pieces shared by the subclasses ----------------------------------------------------
+    def _check_start(self, theta0: Theta, batch: Any, x0: Optional[Tensor]) -> Theta:
+        theta = check_theta(theta0, self.inner.theta_names)
+        if not theta:
+            raise ValueError("theta0 is empty: give at least one named hyperparameter")
+        if self.bounds is not None:
+            self.bounds.check_names(theta)
+        theta = project(theta, self.bounds)
+        x = self.inner.init(theta, batch) if x0 is None else x0
+        validate_inner(self.inner, theta, batch, x)
+        return theta
+
+    def _warn_once(self, st: LoopState, key: str, message: str) -> None:
+        if key not in st.warned:
+            st.warned.append(key)
+            warnings.warn(f"{self.name} iteration {st.k}: {message}", RuntimeWarning)
+
+    def _solve(self, st: LoopState, theta: Theta, batch: Any, tol: float, x_start: Optional[Tensor],
+               max_iter: Optional[int] = None) -> Tuple[Optional[SolveResult], Optional[str]]:
+        """Inner solve at ``theta``; returns ``(solution, None)`` or ``(solution or None, why it
+        failed)``: non-positive curvature, a non-finite point or gradient, or the iteration cap."""
+        cap = self.inner_max_iter if max_iter is None else max_iter
+        try:
+            sol = solve_inner(self.inner, theta, batch, tol, x0=x_start, method=self.inner_method,
+                              max_iter=cap)
+        except (NonPositiveCurvatureError, FloatingPointError) as exc:
+            return None, f"inner solve failed: {exc}"
+        st.cost += sol.max_iterations
+        if not (bool(torch.isfinite(sol.x).all()) and bool(torch.isfinite(sol.grad_norm).all())):
+            return sol, "inner solve produced non-finite values"
+        if not sol.all_converged:
+            return sol, (f"inner solve hit its iteration cap before tolerance {tol:.2e} "
+                         f"(max ‖∇Φ‖ = {float(sol.grad_norm.max()):.2e})")
+        return sol, None
+
+    def _upper_loss(self, x: Tensor, theta: Theta, batch: Any) -> float:
+        """``ℓ(x, θ)`` as a float (forward only)."""
+        with torch.no_grad():
+            loss = self.outer(x, theta, batch)
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(f"outer loss must return a scalar tensor, got {shape}")
+        return float(loss)
+
+    def _note_accepted(self, st: LoopState, loss: float) -> None:
+        """Keep ``st.theta`` as the best iterate when its upper loss is the lowest so far."""
+        if math.isfinite(loss) and loss < st.best_loss:
+            st.best_loss, st.best_iteration = loss, st.k
+            st.best_theta = {n: v.detach().clone() for n, v in st.theta.items()}
+            st.best_x = st.x
+
+    def _step_params(self, grads: Dict[str, Tensor]) -> bool:
+        """One ``param_optimizer`` step of the outer loss' trainable parameters with ``∇_φℓ``."""
+        if self.param_optimizer is None or not grads:
+            return False
+        params = self.outer.trainable_parameters()
+        for name, g in grads.items():
+            params[name].grad = g.detach().clone()
+        self.param_optimizer.step()
+        self.param_optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def _progress_bar(self, start: int):
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+        return tqdm(total=self.max_iter, initial=start, desc=self.name, unit="it")
+
+    def _trainable(self) -> Dict[str, Tensor]:
+        get = getattr(self.outer, "trainable_parameters", None)
+        return dict(get()) if get is not None else {}
+
+    # ----- checkpoint / resume ----------------------------------------------------------------
+    def _result(self, st: LoopState, history: History, batch: Any) -> Result:
+        state = {"method": self.name, "loop": st.to_dict(),
+                 "estimator": self.estimator.warm_state(),
+                 "optimizer": None if self.param_optimizer is None else self.param_optimizer.state_dict(),
+                 "fingerprint": batch_fingerprint(batch), "theta_names": sorted(st.theta),
+                 "bounds": _bounds_dict(self.bounds)}
+        clone = lambda d: None if d is None else {n: v.detach().clone() for n, v in d.items()}  # noqa: E731
+        return Result(theta=clone(st.theta), x=st.x, history=history, success=st.success,
+                      message=st.message or "", n_iter=len(history),
+                      params={n: p.detach().clone() for n, p in self._trainable().items()},
+                      state=state, best_theta=clone(st.best_theta), best_x=st.best_x,
+                      best_loss=st.best_loss, best_iteration=st.best_iteration,
+                      last_theta=clone(st.last_theta))
+
+    def _restore(self, resume: Result, theta: Theta, batch: Any) -> LoopState:
+        saved = resume.state if isinstance(resume, Result) else None
+        if not saved or saved.get("method") != self.name:
+            found = saved.get("method") if saved else None
+            raise ValueError(f"resume must be the Result of a {self.name} run, got one of {found!r}")
+        if saved["theta_names"] != sorted(theta):
+            raise ValueError(f"resume: the checkpoint's theta names {saved['theta_names']} differ "
+                             f"from theta0's {sorted(theta)}")
+        if saved["bounds"] != _bounds_dict(self.bounds):
+            raise ValueError(f"resume: the checkpoint was made with bounds {saved['bounds']}, this "
+                             f"run has {_bounds_dict(self.bounds)}")
+        if saved["fingerprint"] != batch_fingerprint(batch):
+            warnings.warn("resume: the batch differs from the checkpointed one (fingerprint "
+                          "mismatch); continuing on the new batch", RuntimeWarning)
+        self._restore_params(resume, saved)
+        self.estimator.load_warm_state(saved.get("estimator") or {})
+        st = self.State.from_dict(saved["loop"])
+        st.message, st.success = None, False
+        return st
+
+    def _restore_params(self, resume: Result, saved: Dict[str, Any]) -> None:
+        params = self._trainable()
+        if sorted(params) != sorted(resume.params):
+            raise ValueError(f"resume: the outer loss' trainable parameters {sorted(params)} differ "
+                             f"from the checkpoint's {sorted(resume.params)}")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(resume.params[n])
+        opt_state = saved.get("optimizer")
+        if self.param_optimizer is not None and opt_state is not None:
+            self.param_optimizer.load_state_dict(opt_state)
+        elif self.param_optimizer is not None and params:
+            warnings.warn("resume: the checkpoint has no optimizer state; param_optimizer starts "
+                          "fresh", RuntimeWarning)
