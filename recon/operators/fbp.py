@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from .geometry import FanBeamGeometry, Geometry, ParallelBeamGeometry
+from .ray_transform import RayTransform
 
 __all__ = ["fbp", "ramp_filter", "FILTERS"]
 
@@ -127,8 +128,6 @@ def fbp(sinogram: torch.Tensor, operator, filter: str = "ram-lak", frequency_sca
     torch.Tensor
         Image in the units of the operator's domain (attenuation per length unit).
     """
-    from .ray_transform import RayTransform
-
     if isinstance(operator, Geometry):
         operator = RayTransform(operator)
     if not isinstance(operator, RayTransform):
