@@ -15,6 +15,7 @@ the *reference* ``max(ref) - min(ref)``; pass a number (e.g. 1.0 for images in
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -41,13 +42,23 @@ def _data_range(ref: torch.Tensor, data_range) -> torch.Tensor:
     """Per-image data range ``(B,)``."""
     if data_range is None:
         flat = ref.reshape(ref.shape[0], -1)
-        return flat.amax(1) - flat.amin(1)
+        dr = flat.amax(1) - flat.amin(1)
+        flat_images = torch.nonzero(~(dr > 0)).reshape(-1).tolist()
+        if flat_images:
+            raise ValueError(
+                f"`data_range`=None uses the range max(ref) - min(ref) of each reference, but "
+                f"reference image(s) {flat_images[:10]} are constant (or not finite), so "
+                f"PSNR / SSIM are undefined; pass `data_range` explicitly (e.g. 1.0)")
+        return dr
     if isinstance(data_range, torch.Tensor):
         dr = data_range.to(torch.float64, copy=False).to(ref.device).reshape(-1)
         if dr.numel() not in (1, ref.shape[0]):
             raise ValueError(f"`data_range` must be a number or have {ref.shape[0]} entries, got {dr.numel()}")
+        if not bool(torch.all(torch.isfinite(dr) & (dr > 0))):
+            raise ValueError(f"`data_range` must be finite and > 0, got {data_range.tolist()}")
         return dr.expand(ref.shape[0])
-    if not (isinstance(data_range, (int, float)) and math.isfinite(data_range) and data_range > 0):
+    if not (isinstance(data_range, numbers.Real) and not isinstance(data_range, bool)
+            and math.isfinite(data_range) and data_range > 0):
         raise ValueError(f"`data_range` must be None or a positive number, got {data_range!r}")
     return torch.full((ref.shape[0],), float(data_range), dtype=torch.float64, device=ref.device)
 

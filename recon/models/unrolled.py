@@ -195,6 +195,8 @@ class UnrolledPrimalDual(nn.Module):
         precomputed FBP from the data set.
         """
         self._check_input("sinogram", sinogram, self.data_shape)
+        if sinogram.shape[0] == 0:  # an empty batch reconstructs to an empty batch
+            return sinogram.new_zeros((0, 1) + tuple(self.image_shape))
         if x0 is None:
             x0 = self.initial_guess(sinogram)
         else:

@@ -139,6 +139,8 @@ def fbp(sinogram: torch.Tensor, operator, filter: str = "ram-lak", frequency_sca
         shape = tuple(sinogram.shape) if isinstance(sinogram, torch.Tensor) else type(sinogram).__name__
         raise ValueError(f"`sinogram` has shape {shape}, expected (..., {geom.range_shape[0]}, "
                          f"{geom.range_shape[1]}) for {geom!r}")
+    if sinogram.numel() == 0:
+        return sinogram.new_zeros(tuple(sinogram.shape[:-2]) + tuple(geom.image_shape))
     weights = torch.as_tensor(geom.angle_weights(), dtype=sinogram.dtype, device=sinogram.device)
     if isinstance(geom, ParallelBeamGeometry):
         q = ramp_filter(sinogram, geom.detector_spacing, filter, frequency_scaling, padding)
