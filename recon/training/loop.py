@@ -20,7 +20,6 @@ run exactly (the order of the training samples in epoch ``e`` is a fixed functio
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 import time
@@ -32,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import save_checkpoint
 from .experiment import TensorData
+from .state import ResumeMismatchError, restore, settings_differences, training_state
 
 __all__ = ["TrainConfig", "TrainResult", "ResumeMismatchError", "fit", "validate",
            "settings_differences"]
@@ -104,10 +104,6 @@ class TrainConfig:
         self.betas = betas
 
 
-class ResumeMismatchError(ValueError):
-    """``resume=True`` with settings that differ from those saved in ``last.pt``."""
-
-
 @dataclass
 class TrainResult:
     """Outcome of :func:`fit`.
@@ -135,19 +131,6 @@ class TrainResult:
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """Sample order of ``epoch``: a permutation that depends only on ``(seed, epoch)``."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(state["cuda"]))
 
 
 @torch.no_grad()
@@ -265,13 +248,13 @@ def fit(model: nn.Module, train_data: TensorData, val_data: TensorData | None = 
     if resume:
         if last_path is None:
             raise ValueError("`resume`=True needs `out_dir` (the folder of last.pt)")
-        epoch_losses = _restore(last_path, model, optimizer, scheduler, result, total_steps,
+        epoch_losses = restore(last_path, model, optimizer, scheduler, result, total_steps,
                                 config, meta)
 
     def save_last() -> None:
         if last_path is not None:
-            save_checkpoint(_training_state(model, optimizer, scheduler, result, total_steps,
-                                            config, meta, epoch_losses), last_path)
+            save_checkpoint(training_state(model, optimizer, scheduler, result, total_steps,
+                                           config, meta, epoch_losses), last_path)
 
     stop = total_steps if max_steps is None else min(total_steps, max_steps)
     bar = tqdm(total=stop, initial=result.step, disable=not config.progress, unit="step",
@@ -352,76 +335,3 @@ def _end_of_epoch(model, val_data, config, result, losses, optimizer, seconds) -
               "lr": float(optimizer.param_groups[0]["lr"]), "seconds": seconds}
     result.history.append(record)
     return record
-
-
-def _training_state(model, optimizer, scheduler, result, total_steps, config, meta,
-                    epoch_losses) -> dict:
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "step": result.step, "epoch": result.epoch,
-            "best_val_psnr": result.best_val_psnr, "best_epoch": result.best_epoch,
-            "history": [dict(r) for r in result.history], "total_steps": total_steps,
-            "epoch_losses": list(epoch_losses),
-            "rng": _rng_state(), "train_config": _plain(dataclasses.asdict(config)),
-            "metadata": meta}
-
-
-#: Settings that may change on resume: where it runs and how it reports.
-_RESUMABLE = ("device", "progress", "save_every")
-
-
-def _restore(path, model, optimizer, scheduler, result, total_steps, config, meta) -> list[float]:
-    """Load ``last.pt`` into the objects; refuse it if the run's settings differ."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"cannot resume: {str(path)!r} does not exist (no earlier run "
-                                f"in this folder); train without resume")
-    state = load_checkpoint(path)
-    saved_config = {**_plain(dataclasses.asdict(TrainConfig())), **(state.get("train_config") or {})}
-    diffs = settings_differences(
-        {"train_config": saved_config, "metadata": state.get("metadata")},
-        {"train_config": _plain(dataclasses.asdict(config)), "metadata": _plain(meta)})
-    if state.get("total_steps") != total_steps:
-        diffs.append(f"total_steps: {state.get('total_steps')} (saved) != {total_steps} (now; "
-                     f"epochs, batch_size and data size decide it)")
-    if diffs:
-        raise ResumeMismatchError(
-            f"cannot resume {str(path)!r} with other settings than it was trained with:\n  "
-            + "\n  ".join(diffs) + "\nuse the saved settings, or a new output folder")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
-    result.step, result.epoch = int(state["step"]), int(state["epoch"])
-    result.best_val_psnr, result.best_epoch = float(state["best_val_psnr"]), int(state["best_epoch"])
-    result.history = [dict(r) for r in state["history"]]
-    return [float(v) for v in state.get("epoch_losses", [])]
-
-
-def settings_differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
-    """Lines ``key: saved (saved) != now (now)`` for every leaf that differs (nested dicts).
-
-    Keys in :data:`_RESUMABLE` of a ``train_config`` are ignored.
-    """
-    if isinstance(saved, Mapping) and isinstance(now, Mapping):
-        out = []
-        for key in sorted(set(saved) | set(now), key=str):
-            if prefix.endswith("train_config") and key in _RESUMABLE:
-                continue
-            name = f"{prefix}.{key}" if prefix else str(key)
-            out += settings_differences(saved.get(key, "<missing>"), now.get(key, "<missing>"),
-                                        name)
-        return out
-    if _plain(saved) == _plain(now):
-        return []
-    return [f"{prefix}: {saved!r} (saved) != {now!r} (now)"]
-
-
-def _plain(value: Any) -> Any:
-    """Convert tuples to lists recursively (plain checkpoint values)."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
