@@ -132,7 +132,8 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, data_range=None, *, win_size: int =
 
         cov_norm = size * size / (size * size - 1.0)
     if min(x.shape[-2:]) < size:
-        raise ValueError(f"images of shape {tuple(x.shape[-2:])} are smaller than the {size}x{size} SSIM window")
+        raise ValueError(f"`x` and `ref` images of shape {tuple(x.shape[-2:])} are smaller than the "
+                         f"{size}x{size} SSIM window; pass a smaller odd `win_size`")
     ux, ur = filt(img_x), filt(img_r)
     vx = cov_norm * (filt(img_x * img_x) - ux * ux)
     vr = cov_norm * (filt(img_r * img_r) - ur * ur)

@@ -36,6 +36,7 @@ scaling; all set to 0 for ``nu_n > c``, as in ODL's ``fbp_op``):
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -68,7 +69,8 @@ def _check_filter(filter: str, frequency_scaling: float) -> str:
     name = str(filter).lower().replace("_", "-")
     if name not in FILTERS:
         raise ValueError(f"`filter` must be one of {FILTERS}, got {filter!r}")
-    if not (isinstance(frequency_scaling, (int, float)) and 0 < frequency_scaling <= 1):
+    if not (isinstance(frequency_scaling, numbers.Real) and not isinstance(frequency_scaling, bool)
+            and 0 < frequency_scaling <= 1):
         raise ValueError(f"`frequency_scaling` must be in (0, 1], got {frequency_scaling!r}")
     return name
 

@@ -28,7 +28,7 @@ def stack_dataset(dataset: Sequence[Mapping[str, torch.Tensor]],
     ``image`` are required).  Small CT data sets fit in memory, which makes batches free.
     """
     if len(dataset) == 0:
-        raise ValueError("dataset is empty")
+        raise ValueError("`dataset` is empty; give at least one item")
     first = dataset[0]
     for key in ("sinogram", "image"):
         if key not in first:
@@ -146,6 +146,9 @@ def _check_setup_values(setup: Mapping[str, Any]) -> None:
             continue
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
             raise ValueError(f"setup `{key}` must be an int >= 1, got {value!r}")
+    seed = setup["data_seed"]
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"setup `data_seed` must be an int >= 0, got {seed!r}")
     for key in ("photons", "noise_level", "mu_scale"):
         value = setup[key]
         if value is None and key == "mu_scale":
