@@ -41,9 +41,9 @@ PDHG (``prox_{σf*}(h + σ(Ax - y))`` and ``x - τ Aᵀ h``).  ``σ = τ = 1`` o
 When the number of angles is not divisible by ``m``, subset data and dual memory are zero-padded
 to ``ceil(p/m)`` rows (the padding never reaches the backprojection).
 
-Operators follow the ``RayTransform`` protocol of :mod:`recon.operators`: ``op(x)``,
-``op.adjoint(y)``, ``op.subset(i, m)``, ``op.coarsen(f)``, ``op.norm()``, ``op.domain_shape``,
-``op.range_shape``; tensors are ``(B, 1, H, W)`` images and ``(B, 1, n_angles, n_det)``
+Operators follow :class:`recon.operators.LinearOperator` (``op(x)``, ``op.adjoint(y)``,
+``op.domain_shape``, ``op.range_shape``; check with :func:`recon.operators.adjointness_test`)
+and also provide ``op.subset(i, m)``, ``op.coarsen(f)`` and ``op.norm()``; tensors are ``(B, 1, H, W)`` images and ``(B, 1, n_angles, n_det)``
 sinograms.
 """
 
