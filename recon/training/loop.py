@@ -221,13 +221,7 @@ def fit(model: nn.Module, train_data: TensorData, val_data: TensorData | None = 
     from tqdm.auto import tqdm  # only the training loop needs it
 
     config = config or TrainConfig()
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"`config` must be a TrainConfig, got {type(config).__name__}")
-    _check_data(train_data, "train_data", config.x0_key)
-    if val_data is not None:
-        _check_data(val_data, "val_data", config.x0_key, validation=True)
-    if max_steps is not None and (not isinstance(max_steps, numbers.Integral) or max_steps < 0):
-        raise ValueError(f"`max_steps` must be None or an int >= 0, got {max_steps!r}")
+    _check_fit_inputs(config, train_data, val_data, max_steps)
     out_dir = _prepare_out_dir(out_dir)
     device = torch.device(config.device)
     model.to(device)
@@ -280,13 +274,7 @@ def fit(model: nn.Module, train_data: TensorData, val_data: TensorData | None = 
         if result.step % steps_per_epoch == 0 and result.step // steps_per_epoch > result.epoch:
             result.epoch = result.step // steps_per_epoch
             record = _end_of_epoch(model, val_data, config, result, epoch_losses, optimizer,
-                                   time.perf_counter() - epoch_start)
-            if record["val_psnr"] >= result.best_val_psnr or val_data is None:
-                result.best_val_psnr, result.best_epoch = record["val_psnr"], result.epoch
-                if best_path is not None:
-                    save_checkpoint({"model": model.state_dict(), "epoch": result.epoch,
-                                     "step": result.step, "val_psnr": record["val_psnr"],
-                                     "metadata": meta}, best_path)
+                                   time.perf_counter() - epoch_start, meta)
             bar.set_postfix(epoch=result.epoch, loss=f"{running:.3e}",
                             val_psnr=f"{record['val_psnr']:.2f}")
             if callback is not None:
@@ -327,11 +315,28 @@ def _train_step(model, optimizer, data, idx, device, config) -> float:
     return float(loss.detach())
 
 
-def _end_of_epoch(model, val_data, config, result, losses, optimizer, seconds) -> dict:
+def _check_fit_inputs(config, train_data, val_data, max_steps) -> None:
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"`config` must be a TrainConfig, got {type(config).__name__}")
+    _check_data(train_data, "train_data", config.x0_key)
+    if val_data is not None:
+        _check_data(val_data, "val_data", config.x0_key, validation=True)
+    if max_steps is not None and (not isinstance(max_steps, numbers.Integral) or max_steps < 0):
+        raise ValueError(f"`max_steps` must be None or an int >= 0, got {max_steps!r}")
+
+
+def _end_of_epoch(model, val_data, config, result, losses, optimizer, seconds, meta) -> dict:
+    """Validate, append the epoch's history record, write ``best.pt`` if it is the best."""
     val = (validate(model, val_data, config.batch_size, config.device, config.x0_key)
            if val_data is not None else float("nan"))
     record = {"epoch": float(result.epoch), "step": float(result.step),
               "train_loss": float(sum(losses) / max(len(losses), 1)), "val_psnr": val,
               "lr": float(optimizer.param_groups[0]["lr"]), "seconds": seconds}
     result.history.append(record)
+    if record["val_psnr"] >= result.best_val_psnr or val_data is None:
+        result.best_val_psnr, result.best_epoch = record["val_psnr"], result.epoch
+        if result.best_path is not None:
+            save_checkpoint({"model": model.state_dict(), "epoch": result.epoch,
+                             "step": result.step, "val_psnr": record["val_psnr"],
+                             "metadata": meta}, result.best_path)
     return record
