@@ -41,7 +41,9 @@ def _pair(x: torch.Tensor, ref: torch.Tensor, names=("x", "ref")) -> tuple[torch
 def _data_range(ref: torch.Tensor, data_range) -> torch.Tensor:
     """Per-image data range ``(B,)``."""
     if data_range is None:
-        flat = ref.reshape(ref.shape[0], -1)
+        if ref.shape[0] == 0:
+            return ref.new_zeros((0,))
+        flat = ref.flatten(1)
         dr = flat.amax(1) - flat.amin(1)
         flat_images = torch.nonzero(~(dr > 0)).reshape(-1).tolist()
         if flat_images:
@@ -78,7 +80,7 @@ def psnr(x: torch.Tensor, ref: torch.Tensor, data_range=None) -> torch.Tensor:
     Identical images give ``inf``.
     """
     x, ref, single = _pair(x, ref)
-    err = ((x - ref) ** 2).reshape(x.shape[0], -1).mean(1)
+    err = ((x - ref) ** 2).flatten(1).mean(1)  # (B,); an empty batch gives an empty result
     dr = _data_range(ref, data_range)
     out = 10.0 * torch.log10(dr**2 / err)
     return out[0] if single else out
@@ -110,6 +112,8 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, data_range=None, *, win_size: int =
     x, ref, single = _pair(x, ref)
     B = x.shape[0]
     dr = _data_range(ref, data_range)
+    if B == 0:
+        return x.new_zeros((0,))
     img_x = x.reshape((-1, 1) + tuple(x.shape[-2:]))
     img_r = ref.reshape(img_x.shape)
     n_ch = img_x.shape[0] // B

@@ -168,6 +168,9 @@ CASES = [
     ("time-empty", lambda: time_methods({"id": lambda y: y}, Y[:0]), ValueError, "`sinogram`"),
     ("evaluate-batch", lambda: evaluate_methods({"id": lambda y: y}, _data(), batch_size=0),
      ValueError, "`batch_size`"),
+    ("evaluate-empty", lambda: evaluate_methods({"id": lambda y: y}, _data(0)), ValueError,
+     "`data`"),
+    ("validate-empty", lambda: validate(_model(), _data(0)), ValueError, "`data`"),
     # ---------------------------------------------------------------- models
     ("model-name", lambda: build_model("unet", A), ValueError, "model name"),
     ("model-input-shape", lambda: _model()(X), ValueError, "sinogram"),
@@ -274,6 +277,8 @@ def test_empty_batches_reconstruct_to_empty_batches():
     assert _model()(Y[:0]).shape == (0, 1, 16, 16)
     assert fbp(Y[:0], A).shape == (0, 1, 16, 16)
     assert A(X[:0]).shape == (0, 1, NA, ND)
+    assert psnr(X[:0], X[:0]).shape == (0,) and psnr(X[:0], X[:0], 1.0).shape == (0,)
+    assert ssim(X[:0], X[:0]).shape == (0,)
 
 
 def test_ssim_and_psnr_at_the_edges_agree_with_skimage():

@@ -93,6 +93,10 @@ def evaluate_methods(methods: Mapping[str, Method], data: Mapping[str, torch.Ten
     for name, value in (("batch_size", batch_size), ("time_batch", time_batch)):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
             raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
+    if not isinstance(data, Mapping) or "sinogram" not in data or "image" not in data \
+            or len(data["image"]) == 0 or len(data["sinogram"]) != len(data["image"]):
+        raise ValueError("`data` must hold 'sinogram' and 'image' with the same number >= 1 of "
+                         "samples")
     device = torch.device(device)
     images = data["image"]
     outputs = {}

@@ -145,6 +145,7 @@ def validate(model: nn.Module, data: TensorData, batch_size: int = 16,
 
     if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}")
+    _check_data(data, "data", x0_key)
     was_training = model.training
     model.eval()
     values = []
