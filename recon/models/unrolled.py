@@ -43,8 +43,8 @@ to ``ceil(p/m)`` rows (the padding never reaches the backprojection).
 
 Operators follow :class:`recon.operators.LinearOperator` (``op(x)``, ``op.adjoint(y)``,
 ``op.domain_shape``, ``op.range_shape``; check with :func:`recon.operators.adjointness_test`)
-and also provide ``op.subset(i, m)``, ``op.coarsen(f)`` and ``op.norm()``; tensors are ``(B, 1, H, W)`` images and ``(B, 1, n_angles, n_det)``
-sinograms.
+and also provide ``op.subset(i, m)``, ``op.coarsen(f)`` and ``op.norm()``; tensors are
+``(B, 1, H, W)`` images and ``(B, 1, n_angles, n_det)`` sinograms.
 """
 
 from __future__ import annotations

@@ -214,6 +214,8 @@ def _validate(z, expect: tuple[int, int]) -> dict:
     indptr, indices, data = arrays["indptr"], arrays["indices"], arrays["data"]
     if tuple(int(s) for s in arrays["shape"]) != expect:
         raise ValueError(f"shape {tuple(arrays['shape'])} != {expect}")
+    if indptr.dtype.kind not in "iu" or indices.dtype.kind not in "iu":
+        raise ValueError(f"index arrays of dtype {indptr.dtype}, {indices.dtype} are not integers")
     if indptr.ndim != 1 or indptr.shape[0] != expect[0] + 1 or indices.ndim != 1 \
             or data.shape != indices.shape:
         raise ValueError("array lengths do not form a CSR matrix")

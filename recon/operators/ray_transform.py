@@ -119,12 +119,12 @@ class RayTransform:
         self.check_finite = check_finite
         self._norm: float | None = None
         self._adjoint_op = None
-        if backend == "torch":
+        if _impl is not None:  # a backend's own subset (see :meth:`subset`)
+            self._impl = _impl
+        elif backend == "torch":
             from ._torch_backend import MatrixFreeProjector, SparseProjector
 
-            if _impl is not None:
-                self._impl = _impl
-            elif self.method == "sparse":
+            if self.method == "sparse":
                 self._impl = SparseProjector(geometry, cache=cache)
             else:
                 self._impl = MatrixFreeProjector(geometry)
