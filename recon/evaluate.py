@@ -28,4 +28,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from .training.cli import console_main
+
+    sys.exit(console_main(prog="python -m recon.evaluate", entry=main))

@@ -14,4 +14,8 @@ __all__ = ["TrainConfig", "TrainResult", "fit", "validate", "stack_dataset",
            "train_from_args", "ResumeMismatchError", "settings_differences"]
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from .training.cli import console_main
+
+    sys.exit(console_main())

@@ -328,3 +328,14 @@ def test_ssim_stays_in_range_and_psnr_is_not_nan_with_a_fixed_range(value, scale
     s = float(ssim(x, ref, 1.0))
     assert -1 <= s <= 1 + 1e-12
     assert not math.isnan(float(psnr(x, ref, 1.0)))
+
+
+def test_the_program_reports_bad_settings_without_a_traceback(tmp_path, capsys):
+    from recon.training.cli import console_main
+
+    (tmp_path / "f").write_text("x")
+    assert console_main(["train", "--out", str(tmp_path / "f"), "--no-progress"]) == 2
+    assert console_main(["evaluate", str(tmp_path / "missing.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "python -m recon.train: error: --out" in err and "missing.pt" in err
+    assert "Traceback" not in err

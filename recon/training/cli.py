@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,7 +30,7 @@ from .experiment import build_setup, default_setup
 from .loop import TrainConfig, TrainResult, fit
 
 __all__ = ["add_train_arguments", "add_evaluate_arguments", "train_from_args", "run_evaluate",
-           "main"]
+           "main", "console_main"]
 
 
 def _int_at_least(low: int):
@@ -213,3 +214,17 @@ def main(argv: Sequence[str] | None = None) -> Any:
     print(f"best val PSNR {result.best_val_psnr:.2f} dB (epoch {result.best_epoch}); "
           f"checkpoints {result.best_path}, {result.last_path}")
     return result
+
+
+def console_main(argv: Sequence[str] | None = None, prog: str = "python -m recon.train",
+                 entry=None) -> int:
+    """Run ``entry`` (default :func:`main`) as a program: bad settings, missing or corrupt files
+    print ``prog: error: ...`` (no traceback) and return exit status 2."""
+    from ..checkpoint import CorruptCheckpointError
+
+    try:
+        (entry or main)(argv)
+    except (ValueError, TypeError, FileNotFoundError, CorruptCheckpointError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
