@@ -138,13 +138,19 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, data_range=None, *, win_size: int =
     if min(x.shape[-2:]) < size:
         raise ValueError(f"`x` and `ref` images of shape {tuple(x.shape[-2:])} are smaller than the "
                          f"{size}x{size} SSIM window; pass a smaller odd `win_size`")
-    ux, ur = filt(img_x), filt(img_r)
-    vx = cov_norm * (filt(img_x * img_x) - ux * ux)
-    vr = cov_norm * (filt(img_r * img_r) - ur * ur)
-    vxr = cov_norm * (filt(img_x * img_r) - ux * ur)
+    # (co)variances of images shifted by the reference's mean: same values, no cancellation
+    # in E[x²] - E[x]² when the images sit far from 0
+    shift = img_r.mean(dim=(-2, -1), keepdim=True)
+    xs, rs = img_x - shift, img_r - shift
+    uxs, urs = filt(xs), filt(rs)
+    vx = cov_norm * (filt(xs * xs) - uxs * uxs)
+    vr = cov_norm * (filt(rs * rs) - urs * urs)
+    vxr = cov_norm * (filt(xs * rs) - uxs * urs)
+    ux, ur = uxs + shift, urs + shift
     L = dr.repeat_interleave(n_ch).view(-1, 1, 1, 1)
     c1, c2 = (K1 * L) ** 2, (K2 * L) ** 2
     s = ((2 * ux * ur + c1) * (2 * vxr + c2)) / ((ux**2 + ur**2 + c1) * (vx + vr + c2))
+    s = s.clamp(-1.0, 1.0)  # |SSIM| <= 1 holds exactly; only rounding can leave the interval
     out = s.reshape(B, n_ch, -1).mean(-1).mean(-1)
     return out[0] if single else out
 
