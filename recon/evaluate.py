@@ -14,6 +14,7 @@ from .training.cli import add_evaluate_arguments as add_arguments
 from .training.cli import run_evaluate as run
 from .training.evaluation import (LABELS, Method, evaluate_methods, format_table, load_methods,
                                   save_samples_png, time_methods)
+from .training.evaluation import _acquisition, _fbp_method, _sync  # noqa: F401 (old names)
 
 __all__ = ["Method", "LABELS", "evaluate_methods", "time_methods", "format_table",
            "save_samples_png", "load_methods", "add_arguments", "run", "main"]
