@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bilevel import ImplicitCG, Unrolled, solve_inner  # noqa: E402
 from bilevel.hypergrad import outer_gradients  # noqa: E402
 from recon.data.natural_images import denoising_batch  # noqa: E402
+from recon.io import atomic_write  # noqa: E402
 from recon.losses import MSEToTarget  # noqa: E402
 from recon.problems import TVDenoising  # noqa: E402
 
@@ -147,12 +148,9 @@ def main(argv=None):
             cg = "" if r["cg_iterations"] is None else str(r["cg_iterations"])
             print(f"{dt:<8}{r['method']:<44}{r['ms']:>9.1f}{r['ratio_to_implicit_cg']:>14.2f}×"
                   f"{r['rel_error']:>12.1e}{cg:>7}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(args.out, "w") as f:
         json.dump({"batch": args.batch, "size": args.size, "theta": THETA, "threads": args.threads,
                    "repeats": args.repeats, "rows": rows}, f, indent=1)
-    os.replace(tmp, args.out)
     print(f"wrote {args.out}")
 
 

@@ -2,7 +2,7 @@
 
 Timings of untrained networks equal those of trained ones (same operations), so this needs no
 training.  All methods of one configuration are timed interleaved in the same process on the
-same device (``recon.evaluate.time_methods``: median of ``--repeats`` passes, CUDA synchronised)
+same device (``recon.training.time_methods``: median of ``--repeats`` passes, CUDA synchronised)
 and reported as milliseconds per sample and as ratios to LPD (the Table 3.1 speed columns).
 
 Examples::
@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recon.evaluate import time_methods  # noqa: E402
+from recon.training.evaluation import time_methods  # noqa: E402
 from recon.models import LSPD, LearnedPrimalDual, SketchedLSPD  # noqa: E402
 from recon.operators import ParallelBeamGeometry, RayTransform, fbp  # noqa: E402
 

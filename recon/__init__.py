@@ -2,7 +2,8 @@
 networks, task losses, metrics and data sets. Submodules load on first use."""
 import importlib
 
-__all__ = ["operators", "data", "metrics", "models", "regularizers", "problems", "losses",
+__all__ = ["operators", "data", "metrics", "models", "regularizers", "problems", "losses", "io",
+           "checkpoint", "training",
            "train", "joint"]
 __version__ = "0.1.0"
 

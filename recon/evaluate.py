@@ -1,247 +1,36 @@
-r"""Evaluation of reconstruction methods: the analog of Table 3.1 of the reference.
+"""``python -m recon.evaluate CKPT ...`` (same as ``python -m recon.train evaluate``).
 
-For every method ``R`` (FBP and trained networks) and every test pair ``(y_n, x_n)``:
-
-- quality: mean PSNR ``10 log10(R_x² / mse)`` and mean SSIM of ``R(y_n)`` against ``x_n``
-  (``recon.metrics``; data range of the ground truth);
-- speed: inference time per sample, the median over ``repeats`` timed passes of the same
-  batch, where the methods are timed *interleaved* (method 1, 2, ..., 1, 2, ...) in one run on
-  one device, so that a busy machine disturbs all of them alike.  CUDA timings synchronise
-  before and after every pass.
-
-Command line: ``python -m recon.train evaluate CKPT [CKPT ...] --out DIR`` (see :func:`main`);
-it rebuilds geometry, data and models from the checkpoints' metadata, prints the table,
-writes ``table.json`` and ``samples.png`` (reconstructions beside the ground truth).
+The code lives in :mod:`recon.training.evaluation` (tables, timing, loading checkpoints) and
+:mod:`recon.training.cli` (the command line); this module re-exports the names it used to
+define so that ``from recon.evaluate import time_methods`` keeps working.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
-from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Sequence
 
-import torch
+from .training.cli import add_evaluate_arguments as add_arguments
+from .training.cli import run_evaluate as run
+from .training.evaluation import (LABELS, Method, evaluate_methods, format_table, load_methods,
+                                  save_samples_png, time_methods)
+from .training.evaluation import _acquisition, _fbp_method, _sync  # noqa: F401 (old names)
 
-__all__ = ["Method", "evaluate_methods", "time_methods", "format_table", "save_samples_png",
-           "load_methods", "add_arguments", "run", "main"]
-
-Method = Callable[[torch.Tensor], torch.Tensor]
-LABELS = {"fbp": "FBP", "lpd": "LPD", "lspd": "LSPD", "sklspd": "Sk-LSPD"}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def time_methods(methods: Mapping[str, Method], sinogram: torch.Tensor, repeats: int = 10,
-                 warmup: int = 2) -> dict[str, float]:
-    """Median seconds per sample of ``method(sinogram)`` for each method, timed interleaved.
-
-    Every method runs ``warmup`` untimed passes first; then ``repeats`` rounds each time every
-    method once on the whole batch ``sinogram``.  Returns ``{name: median_time / batch}``.
-    """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    device = sinogram.device
-    for fn in methods.values():
-        for _ in range(warmup):
-            fn(sinogram)
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(repeats):
-        for name, fn in methods.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn(sinogram)
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    batch = sinogram.shape[0]
-    return {name: statistics.median(t) / batch for name, t in times.items()}
-
-
-@torch.no_grad()
-def evaluate_methods(methods: Mapping[str, Method], data: Mapping[str, torch.Tensor], *,
-                     batch_size: int = 16, time_batch: int = 1, repeats: int = 10,
-                     device: str | torch.device = "cpu",
-                     ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
-    """PSNR / SSIM over ``data`` and timing of every method.
-
-    Args:
-        methods: ``{label: callable (B, 1, n_a, n_d) -> (B, 1, H, W)}`` in table order.
-        data: ``{"sinogram": (N, 1, n_a, n_d), "image": (N, 1, H, W)}``.
-        batch_size: batch size of the quality pass.
-        time_batch: samples per timed pass (the first ``time_batch`` test sinograms).
-        repeats: timed passes per method (median reported).
-        device: where everything runs.
-
-    Returns:
-        ``rows``: one dict per method: ``method``, ``psnr``, ``psnr_std``, ``ssim``,
-        ``ms_per_sample``, ``n``; and ``outputs``: ``{label: (N, 1, H, W)}`` on the CPU.
-    """
-    from recon.metrics import psnr, ssim
-
-    device = torch.device(device)
-    images = data["image"]
-    outputs = {}
-    rows = []
-    for name, fn in methods.items():
-        recon = torch.cat([fn(data["sinogram"][s:s + batch_size].to(device)).cpu()
-                           for s in range(0, len(images), batch_size)])
-        outputs[name] = recon
-        p, s = psnr(recon, images), ssim(recon, images)  # per image, data range of the truth
-        rows.append({"method": name, "psnr": float(p.mean()), "psnr_std": float(p.std()),
-                     "ssim": float(s.mean()), "n": int(len(images))})
-    timing = time_methods(methods, data["sinogram"][:time_batch].to(device), repeats)
-    for row in rows:
-        row["ms_per_sample"] = 1e3 * timing[row["method"]]
-    return rows, outputs
-
-
-def format_table(rows: Sequence[Mapping[str, Any]], reference: str | None = None) -> str:
-    """Plain-text table ``Method | PSNR | SSIM | ms/sample | time ratio`` (ratio to ``reference``)."""
-    ref_time = next((r["ms_per_sample"] for r in rows if r["method"] == reference), None)
-    lines = [f"{'Method':<10}{'PSNR (dB)':>12}{'SSIM':>9}{'ms/sample':>12}"
-             + (f"{'time/' + reference:>12}" if ref_time else "")]
-    for r in rows:
-        line = f"{r['method']:<10}{r['psnr']:>12.2f}{r['ssim']:>9.4f}{r['ms_per_sample']:>12.3f}"
-        if ref_time:
-            line += f"{r['ms_per_sample'] / ref_time:>12.2f}"
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def save_samples_png(path: str | Path, image: torch.Tensor, outputs: Mapping[str, torch.Tensor],
-                     n_samples: int = 3) -> Path:
-    """Save a grid: one row per sample, columns ground truth then every method (with PSNR)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from recon.metrics import psnr
-
-    n = min(n_samples, len(image))
-    cols = 1 + len(outputs)
-    fig, axes = plt.subplots(n, cols, figsize=(2.2 * cols, 2.2 * n), squeeze=False)
-    for i in range(n):
-        ref = image[i, 0]
-        vmin, vmax = float(ref.min()), float(ref.max())
-        panels = [("Ground truth", ref, None)] + [
-            (name, out[i, 0], float(psnr(out[i:i + 1], image[i:i + 1])[0]))
-            for name, out in outputs.items()]
-        for ax, (title, img, value) in zip(axes[i], panels):
-            ax.imshow(img.float().numpy(), cmap="gray", vmin=vmin, vmax=vmax)
-            ax.set_title(title if value is None else f"{title}\n{value:.2f} dB", fontsize=8)
-            ax.axis("off")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-# ---------------------------------------------------------------------------- command line
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``python -m recon.train evaluate``."""
-    parser.add_argument("checkpoints", nargs="+", help="best.pt files written by `train`")
-    parser.add_argument("--n-test", type=int, default=64, help="test samples (default 64)")
-    parser.add_argument("--out", default="runs/table", help="folder of table.json, samples.png")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--time-batch", type=int, default=1,
-                        help="samples per timed pass (default 1)")
-    parser.add_argument("--repeats", type=int, default=20, help="timed passes per method")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--png-samples", type=int, default=3)
-
-
-def load_methods(checkpoints: Sequence[str | Path], device: str | torch.device = "cpu",
-                 ) -> tuple[dict[str, Any], Any, dict[str, Method]]:
-    """Rebuild ``(setup, operator, methods)`` from ``best.pt`` checkpoints of ``train``.
-
-    ``methods`` maps ``"FBP"`` (with the setup's filter) and one label per checkpoint
-    (``"LPD"``, ``"LSPD"``, ``"Sk-LSPD"``) to callables in eval mode on ``device``.  All
-    checkpoints must share the acquisition (geometry, data set, noise), else ``ValueError``.
-    """
-    from .checkpoint import load_checkpoint
-    from .models import MODELS
-    from .train import make_operator
-
-    device = torch.device(device)
-    states = [load_checkpoint(p) for p in checkpoints]
-    metas = [s.get("metadata") or {} for s in states]
-    for path, meta in zip(checkpoints, metas):
-        if "model_name" not in meta or "setup" not in meta:
-            raise ValueError(f"checkpoint {str(path)!r} has no training metadata (model_name, "
-                             f"setup); was it written by `python -m recon.train train`?")
-    setup = metas[0]["setup"]
-    for path, meta in zip(checkpoints[1:], metas[1:]):
-        if _acquisition(meta["setup"]) != _acquisition(setup):
-            raise ValueError(f"checkpoint {str(path)!r} was trained on acquisition "
-                             f"{_acquisition(meta['setup'])}, but {str(checkpoints[0])!r} on "
-                             f"{_acquisition(setup)}; evaluate them separately")
-    operator = make_operator(setup)
-    methods: dict[str, Method] = {"FBP": _fbp_method(operator, setup.get("fbp_filter", "ram-lak"))}
-    for state, meta in zip(states, metas):
-        model = MODELS[meta["model_name"]](operator, **meta["model_config"])
-        model.load_state_dict(state["model"])
-        model.to(device).eval()
-        label = LABELS.get(meta["model_name"], meta["model_name"])
-        while label in methods:
-            label += "'"
-        methods[label] = model
-    return setup, operator, methods
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Evaluate the checkpoints named in ``args``; print the table; write JSON and PNG."""
-    from .train import build_setup
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    setup, operator, methods = load_methods(args.checkpoints, device)
-    _, data = build_setup(setup, split="test", n=args.n_test, operator=operator)
-    rows, outputs = evaluate_methods(methods, data, batch_size=args.batch_size,
-                                     time_batch=args.time_batch, repeats=args.repeats,
-                                     device=device)
-    reference = "LPD" if "LPD" in methods else None
-    table = format_table(rows, reference)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = {"rows": rows, "device": str(device), "threads": torch.get_num_threads(),
-              "time_batch": args.time_batch, "repeats": args.repeats, "setup": setup,
-              "checkpoints": [str(p) for p in args.checkpoints],
-              "torch": torch.__version__}
-    (out / "table.json").write_text(json.dumps(report, indent=2))
-    save_samples_png(out / "samples.png", data["image"], outputs, args.png_samples)
-    print(table)
-    print(f"wrote {out / 'table.json'} and {out / 'samples.png'}")
-    return report
-
-
-def _acquisition(setup: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in setup.items() if k not in ("n_train", "n_val", "n_test")}
-
-
-def _fbp_method(operator, filter_name: str) -> Method:
-    from recon.operators import fbp
-
-    return lambda y: fbp(y, operator, filter=filter_name)
+__all__ = ["Method", "LABELS", "evaluate_methods", "time_methods", "format_table",
+           "save_samples_png", "load_methods", "add_arguments", "run", "main"]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """``python -m recon.evaluate CKPT ...`` (same as ``python -m recon.train evaluate``)."""
-    parser = argparse.ArgumentParser(prog="python -m recon.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Parse ``argv`` as ``python -m recon.train evaluate`` does and run the evaluation."""
+    parser = argparse.ArgumentParser(prog="python -m recon.evaluate",
+                                     description="Evaluate checkpoints of python -m recon.train")
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from .training.cli import console_main
+
+    sys.exit(console_main(prog="python -m recon.evaluate", entry=main))

@@ -15,6 +15,7 @@ the *reference* ``max(ref) - min(ref)``; pass a number (e.g. 1.0 for images in
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -40,14 +41,26 @@ def _pair(x: torch.Tensor, ref: torch.Tensor, names=("x", "ref")) -> tuple[torch
 def _data_range(ref: torch.Tensor, data_range) -> torch.Tensor:
     """Per-image data range ``(B,)``."""
     if data_range is None:
-        flat = ref.reshape(ref.shape[0], -1)
-        return flat.amax(1) - flat.amin(1)
+        if ref.shape[0] == 0:
+            return ref.new_zeros((0,))
+        flat = ref.flatten(1)
+        dr = flat.amax(1) - flat.amin(1)
+        flat_images = torch.nonzero(~(dr > 0)).reshape(-1).tolist()
+        if flat_images:
+            raise ValueError(
+                f"`data_range`=None uses the range max(ref) - min(ref) of each reference, but "
+                f"reference image(s) {flat_images[:10]} are constant (or not finite), so "
+                f"PSNR / SSIM are undefined; pass `data_range` explicitly (e.g. 1.0)")
+        return dr
     if isinstance(data_range, torch.Tensor):
         dr = data_range.to(torch.float64, copy=False).to(ref.device).reshape(-1)
         if dr.numel() not in (1, ref.shape[0]):
             raise ValueError(f"`data_range` must be a number or have {ref.shape[0]} entries, got {dr.numel()}")
+        if not bool(torch.all(torch.isfinite(dr) & (dr > 0))):
+            raise ValueError(f"`data_range` must be finite and > 0, got {data_range.tolist()}")
         return dr.expand(ref.shape[0])
-    if not (isinstance(data_range, (int, float)) and math.isfinite(data_range) and data_range > 0):
+    if not (isinstance(data_range, numbers.Real) and not isinstance(data_range, bool)
+            and math.isfinite(data_range) and data_range > 0):
         raise ValueError(f"`data_range` must be None or a positive number, got {data_range!r}")
     return torch.full((ref.shape[0],), float(data_range), dtype=torch.float64, device=ref.device)
 
@@ -67,7 +80,7 @@ def psnr(x: torch.Tensor, ref: torch.Tensor, data_range=None) -> torch.Tensor:
     Identical images give ``inf``.
     """
     x, ref, single = _pair(x, ref)
-    err = ((x - ref) ** 2).reshape(x.shape[0], -1).mean(1)
+    err = ((x - ref) ** 2).flatten(1).mean(1)  # (B,); an empty batch gives an empty result
     dr = _data_range(ref, data_range)
     out = 10.0 * torch.log10(dr**2 / err)
     return out[0] if single else out
@@ -99,6 +112,8 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, data_range=None, *, win_size: int =
     x, ref, single = _pair(x, ref)
     B = x.shape[0]
     dr = _data_range(ref, data_range)
+    if B == 0:
+        return x.new_zeros((0,))
     img_x = x.reshape((-1, 1) + tuple(x.shape[-2:]))
     img_r = ref.reshape(img_x.shape)
     n_ch = img_x.shape[0] // B
@@ -121,14 +136,21 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, data_range=None, *, win_size: int =
 
         cov_norm = size * size / (size * size - 1.0)
     if min(x.shape[-2:]) < size:
-        raise ValueError(f"images of shape {tuple(x.shape[-2:])} are smaller than the {size}x{size} SSIM window")
-    ux, ur = filt(img_x), filt(img_r)
-    vx = cov_norm * (filt(img_x * img_x) - ux * ux)
-    vr = cov_norm * (filt(img_r * img_r) - ur * ur)
-    vxr = cov_norm * (filt(img_x * img_r) - ux * ur)
+        raise ValueError(f"`x` and `ref` images of shape {tuple(x.shape[-2:])} are smaller than the "
+                         f"{size}x{size} SSIM window; pass a smaller odd `win_size`")
+    # (co)variances of images shifted by the reference's mean: same values, no cancellation
+    # in E[x²] - E[x]² when the images sit far from 0
+    shift = img_r.mean(dim=(-2, -1), keepdim=True)
+    xs, rs = img_x - shift, img_r - shift
+    uxs, urs = filt(xs), filt(rs)
+    vx = cov_norm * (filt(xs * xs) - uxs * uxs)
+    vr = cov_norm * (filt(rs * rs) - urs * urs)
+    vxr = cov_norm * (filt(xs * rs) - uxs * urs)
+    ux, ur = uxs + shift, urs + shift
     L = dr.repeat_interleave(n_ch).view(-1, 1, 1, 1)
     c1, c2 = (K1 * L) ** 2, (K2 * L) ** 2
     s = ((2 * ux * ur + c1) * (2 * vxr + c2)) / ((ux**2 + ur**2 + c1) * (vx + vr + c2))
+    s = s.clamp(-1.0, 1.0)  # |SSIM| <= 1 holds exactly; only rounding can leave the interval
     out = s.reshape(B, n_ch, -1).mean(-1).mean(-1)
     return out[0] if single else out
 

@@ -233,7 +233,7 @@ def test_disk_cache_roundtrip_and_corrupt_file(tmp_path, caplog):
     files[0].write_bytes(b"not a zip file")
     _torch_backend._MEMORY_CACHE.clear()
     torch.testing.assert_close(RayTransform(geom, cache=tmp_path)(x), ref, rtol=0, atol=0)
-    assert "ignoring unreadable" in caplog.text
+    assert "is invalid" in caplog.text
 
 
 # ----------------------------------------------------------------------------- errors

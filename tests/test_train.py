@@ -132,8 +132,19 @@ def test_resume_with_other_schedule_is_an_error(op, data, tmp_path):
 def test_non_finite_loss_is_reported(op, data):
     train, _ = _split(data)
     bad = {"sinogram": train["sinogram"], "image": train["image"] * float("nan")}
-    with pytest.raises(FloatingPointError, match="loss"):
+    with pytest.raises(ValueError, match=r"train_data\['image'\].*NaN"):  # refused up front
         fit(_model(op), bad, None, TrainConfig(epochs=1, batch_size=4, progress=False))
+
+    class Exploding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, y):
+            return torch.full((len(y), 1, 16, 16), float("inf")) * self.w
+
+    with pytest.raises(FloatingPointError, match="loss"):
+        fit(Exploding(), train, None, TrainConfig(epochs=1, batch_size=4, progress=False))
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -290,9 +290,16 @@ class DicomSliceDataset(SimulatedCTDataset):
         if unit not in ("water", "1/mm"):
             raise ValueError(f"`unit` must be 'water' or '1/mm', got {unit!r}")
         if isinstance(paths, (str, os.PathLike)):
+            if not os.path.exists(paths):
+                raise FileNotFoundError(f"`paths` {str(paths)!r} does not exist; give a folder "
+                                        f"of DICOM files, one file, or a list of files")
             files = find_dicom_files(paths) if os.path.isdir(paths) else [paths]
         else:
             files = list(paths)
+            missing = [str(f) for f in files if not os.path.isfile(f)]
+            if missing:
+                raise FileNotFoundError(f"`paths` names {len(missing)} missing file(s), e.g. "
+                                        f"{missing[0]!r}")
         if not files:
             raise ValueError(f"`paths` {paths!r} contains no DICOM files")
         if operator is None or not isinstance(operator, (RayTransform, Geometry)):

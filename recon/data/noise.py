@@ -20,6 +20,7 @@ Sparse view: :func:`select_views` keeps a subset of the angles (data and geometr
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -27,6 +28,26 @@ import torch
 from ..operators.geometry import Geometry
 
 __all__ = ["GaussianNoise", "PoissonNoise", "select_views", "as_noise_model"]
+
+#: Rates above this are sampled from the normal approximation ``N(λ, λ)`` (relative error of
+#: its moments below 1e-6; ``torch.poisson`` returns garbage from 2**63 on).
+POISSON_NORMAL_RATE = 2.0**40
+
+
+def _is_real(value) -> bool:
+    """A real number (Python or NumPy scalar), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_sinogram(sinogram, what: str) -> None:
+    if not isinstance(sinogram, torch.Tensor) or not sinogram.is_floating_point():
+        raise TypeError(f"`sinogram` must be a floating-point torch.Tensor, got "
+                        f"{type(sinogram).__name__}"
+                        + (f" of dtype {sinogram.dtype}" if isinstance(sinogram, torch.Tensor) else ""))
+    bad = ~torch.isfinite(sinogram)
+    if bool(bad.any()):
+        raise ValueError(f"`sinogram` holds {int(bad.sum())} NaN or infinite value(s); {what} "
+                         f"needs finite data (check the simulation or the data file)")
 
 
 class GaussianNoise:
@@ -40,11 +61,13 @@ class GaussianNoise:
     """
 
     def __init__(self, level: float):
-        if not (isinstance(level, (int, float)) and math.isfinite(level) and level >= 0):
+        if not (_is_real(level) and math.isfinite(level) and level >= 0):
             raise ValueError(f"`level` must be a finite number >= 0, got {level!r}")
         self.level = float(level)
 
     def __call__(self, sinogram: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``sinogram + level * mean(|sinogram|) * N(0, 1)``; ``ValueError`` on NaN / Inf data."""
+        _check_sinogram(sinogram, "GaussianNoise")
         dims = tuple(range(max(sinogram.ndim - 3, 0), sinogram.ndim)) if sinogram.ndim >= 3 else None
         scale = sinogram.abs().mean(dim=dims, keepdim=True) if dims else sinogram.abs().mean()
         noise = torch.randn(sinogram.shape, generator=generator, dtype=sinogram.dtype, device=sinogram.device)
@@ -70,7 +93,7 @@ class PoissonNoise:
 
     def __init__(self, I0: float = 7e4, mu_scale: float = 1.0, min_count: float = 1.0):
         for name, val in (("I0", I0), ("mu_scale", mu_scale), ("min_count", min_count)):
-            if not (isinstance(val, (int, float)) and math.isfinite(val) and val > 0):
+            if not (_is_real(val) and math.isfinite(val) and val > 0):
                 raise ValueError(f"`{name}` must be a finite number > 0, got {val!r}")
         if min_count > I0:
             raise ValueError(f"`min_count` must not exceed `I0`, got min_count={min_count!r}, I0={I0!r}")
@@ -79,11 +102,29 @@ class PoissonNoise:
         self.min_count = float(min_count)
 
     def counts(self, sinogram: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Photon counts ``b ~ Poisson(I0 exp(-mu_scale y))`` (float, same dtype)."""
+        """Photon counts ``b ~ Poisson(λ)``, ``λ = I0 exp(-mu_scale y)`` (float, same dtype).
+
+        Rates above :data:`POISSON_NORMAL_RATE` are drawn from the normal approximation
+        ``λ + sqrt(λ) N(0, 1)``.  ``ValueError`` for NaN / Inf data, or data so negative that
+        ``λ`` overflows the dtype (negative line integrals: more photons than emitted).
+        """
+        _check_sinogram(sinogram, "PoissonNoise")
         rate = self.I0 * torch.exp(-self.mu_scale * sinogram)
-        return torch.poisson(rate, generator=generator)
+        if not bool(torch.isfinite(rate).all()):
+            raise ValueError(
+                f"`sinogram` values down to {float(sinogram.min()):.4g} give photon rates "
+                f"I0*exp(-mu_scale*y) beyond {sinogram.dtype} (I0={self.I0:g}, "
+                f"mu_scale={self.mu_scale:g}); line integrals must not be that negative: "
+                f"check the data or lower mu_scale")
+        large = rate > POISSON_NORMAL_RATE
+        if not bool(large.any()):
+            return torch.poisson(rate, generator=generator)
+        small = torch.poisson(torch.where(large, torch.zeros_like(rate), rate), generator=generator)
+        z = torch.randn(rate.shape, generator=generator, dtype=rate.dtype, device=rate.device)
+        return torch.where(large, rate + torch.sqrt(rate) * z, small)
 
     def __call__(self, sinogram: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Noisy line integrals ``-log(max(b, min_count) / I0) / mu_scale``."""
         b = self.counts(sinogram, generator).clamp_min(self.min_count)
         return -torch.log(b / self.I0) / self.mu_scale
 
@@ -95,7 +136,7 @@ def as_noise_model(noise):
     """``None`` -> ``None``; a number -> :class:`GaussianNoise`; a callable as is."""
     if noise is None:
         return None
-    if isinstance(noise, (int, float)) and not isinstance(noise, bool):
+    if _is_real(noise):
         return GaussianNoise(float(noise))
     if callable(noise):
         return noise

@@ -41,10 +41,10 @@ PDHG (``prox_{σf*}(h + σ(Ax - y))`` and ``x - τ Aᵀ h``).  ``σ = τ = 1`` o
 When the number of angles is not divisible by ``m``, subset data and dual memory are zero-padded
 to ``ceil(p/m)`` rows (the padding never reaches the backprojection).
 
-Operators follow the ``RayTransform`` protocol of :mod:`recon.operators`: ``op(x)``,
-``op.adjoint(y)``, ``op.subset(i, m)``, ``op.coarsen(f)``, ``op.norm()``, ``op.domain_shape``,
-``op.range_shape``; tensors are ``(B, 1, H, W)`` images and ``(B, 1, n_angles, n_det)``
-sinograms.
+Operators follow :class:`recon.operators.LinearOperator` (``op(x)``, ``op.adjoint(y)``,
+``op.domain_shape``, ``op.range_shape``; check with :func:`recon.operators.adjointness_test`)
+and also provide ``op.subset(i, m)``, ``op.coarsen(f)`` and ``op.norm()``; tensors are
+``(B, 1, H, W)`` images and ``(B, 1, n_angles, n_det)`` sinograms.
 """
 
 from __future__ import annotations
@@ -195,6 +195,8 @@ class UnrolledPrimalDual(nn.Module):
         precomputed FBP from the data set.
         """
         self._check_input("sinogram", sinogram, self.data_shape)
+        if sinogram.shape[0] == 0:  # an empty batch reconstructs to an empty batch
+            return sinogram.new_zeros((0, 1) + tuple(self.image_shape))
         if x0 is None:
             x0 = self.initial_guess(sinogram)
         else:

@@ -11,10 +11,13 @@ backends in :mod:`recon.operators.ray_transform`.
 
 from .fbp import FILTERS, fbp, ramp_filter
 from .geometry import FanBeamGeometry, Geometry, ParallelBeamGeometry
+from .linear import LinearOperator, adjointness_test
 from .ray_transform import BACKENDS, AdjointRayTransform, RayTransform, subset_data
 
 __all__ = [
     "Geometry",
+    "LinearOperator",
+    "adjointness_test",
     "ParallelBeamGeometry",
     "FanBeamGeometry",
     "RayTransform",

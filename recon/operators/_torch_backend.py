@@ -25,9 +25,9 @@ Both paths act on plain tensors (no autograd); :mod:`.ray_transform` wraps them.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-import tempfile
 import threading
 import weakref
 from pathlib import Path
@@ -40,7 +40,7 @@ from .geometry import Geometry
 
 log = logging.getLogger(__name__)
 
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3
 _LOCK = threading.Lock()
 _MEMORY_CACHE: "weakref.WeakValueDictionary[str, SystemMatrix]" = weakref.WeakValueDictionary()
 #: Elements of the gathered intermediate per chunk of the matrix-free path.
@@ -131,17 +131,20 @@ class SystemMatrix:
             _MEMORY_CACHE[key] = obj
             return obj
 
-    @classmethod
-    def from_rows(cls, parent: "SystemMatrix", rows: np.ndarray, geometry: Geometry) -> "SystemMatrix":
-        """The matrix of ``geometry`` made of the given rows of ``parent`` (an angle subset).
+    def angle_subset(self, geometry: Geometry, i: int, m: int, subset_geometry: Geometry) -> "SystemMatrix":
+        """The matrix of the angles ``i, i + m, ...`` of ``geometry`` (rays ``a * n_det + k``).
 
-        Shared through the in-memory cache like :meth:`get`.
+        Slices the rows out of this matrix (no rebuild); shared through the in-memory cache
+        under ``subset_geometry``'s key like :meth:`get`.
         """
-        key = geometry.cache_key()
+        n_det = geometry.n_detectors
+        angles = np.arange(geometry.n_angles)[i::m]
+        rows = (angles[:, None] * n_det + np.arange(n_det)[None, :]).reshape(-1)
+        key = subset_geometry.cache_key()
         with _LOCK:
             hit = _MEMORY_CACHE.get(key)
             if hit is None:
-                hit = cls(parent._host[np.dtype(np.float64)][:, rows].tocsr())
+                hit = type(self)(self._host[np.dtype(np.float64)][:, rows].tocsr())
                 _MEMORY_CACHE[key] = hit
             return hit
 
@@ -177,24 +180,56 @@ class SystemMatrix:
         return self._device[key]
 
 
+_ARRAYS = ("indptr", "indices", "data", "shape")
+
+
+def _checksum(arrays: dict) -> str:
+    """Hex SHA-256 of the cache arrays (dtype, shape and bytes of each, in a fixed order)."""
+    h = hashlib.sha256(f"joseph-cache-v{_FORMAT_VERSION}".encode())
+    for name in _ARRAYS:
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def _save(path: Path, mat) -> None:  # mat: the CSR A^T
-    """Write ``mat`` to ``path`` atomically (temporary file + rename); never pickles."""
+    """Write ``mat`` and its checksum to ``path`` atomically (``recon.io.atomic_write``); never pickles."""
+    from ..io import atomic_write
+
+    arrays = {"indptr": mat.indptr, "indices": mat.indices, "data": mat.data,
+              "shape": np.asarray(mat.shape, dtype=np.int64)}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, indptr=mat.indptr, indices=mat.indices, data=mat.data,
-                     shape=np.asarray(mat.shape, dtype=np.int64))
-        os.replace(tmp, path)
+        with atomic_write(path, "wb") as fh:
+            np.savez(fh, **arrays, checksum=np.asarray(_checksum(arrays)))
     except OSError as exc:  # a read-only or full disk must not break the operator
         log.warning("could not write ray-transform cache %s: %s", path, exc)
-        try:
-            os.unlink(tmp)
-        except (OSError, UnboundLocalError):
-            pass
+
+
+def _validate(z, expect: tuple[int, int]) -> dict:
+    """The arrays of an opened cache file, or ``ValueError`` saying what is wrong with them."""
+    arrays = {name: z[name] for name in _ARRAYS}
+    if str(z["checksum"]) != _checksum(arrays):
+        raise ValueError("checksum mismatch (file modified or damaged)")
+    indptr, indices, data = arrays["indptr"], arrays["indices"], arrays["data"]
+    if tuple(int(s) for s in arrays["shape"]) != expect:
+        raise ValueError(f"shape {tuple(arrays['shape'])} != {expect}")
+    if indptr.dtype.kind not in "iu" or indices.dtype.kind not in "iu":
+        raise ValueError(f"index arrays of dtype {indptr.dtype}, {indices.dtype} are not integers")
+    if indptr.ndim != 1 or indptr.shape[0] != expect[0] + 1 or indices.ndim != 1 \
+            or data.shape != indices.shape:
+        raise ValueError("array lengths do not form a CSR matrix")
+    if indptr[0] != 0 or indptr[-1] != indices.shape[0] or np.any(np.diff(indptr) < 0):
+        raise ValueError("row pointers are not a non-decreasing 0 .. nnz sequence")
+    if indices.size and (indices.min() < 0 or indices.max() >= expect[1]):
+        raise ValueError(f"column indices outside [0, {expect[1]})")
+    if data.dtype != np.float64 or not np.all(np.isfinite(data)):
+        raise ValueError("values are not finite float64")
+    return arrays
 
 
 def _load(path: Path, geometry: Geometry):
+    """The cached CSR ``A^T`` at ``path``, or ``None`` (missing or invalid: caller rebuilds)."""
     import scipy.sparse as sp
 
     if not path.is_file():
@@ -202,13 +237,13 @@ def _load(path: Path, geometry: Geometry):
     expect = (geometry.image_shape[0] * geometry.image_shape[1], geometry.n_angles * geometry.n_detectors)
     try:
         with np.load(path, allow_pickle=False) as z:
-            if tuple(int(s) for s in z["shape"]) != expect:
-                return None
-            mat = sp.csr_array((z["data"], z["indices"], z["indptr"]), shape=expect)
-    except (OSError, ValueError, KeyError) as exc:
-        log.warning("ignoring unreadable ray-transform cache %s: %s", path, exc)
+            arrays = _validate(z, expect)
+        return sp.csr_array((arrays["data"], arrays["indices"].astype(np.int32, copy=False),
+                             arrays["indptr"].astype(np.int32, copy=False)), shape=expect)
+    except Exception as exc:  # noqa: BLE001 - any damage (zip, zlib, EOF, values): rebuild
+        log.warning("ray-transform cache %s is invalid (%s: %s); rebuilding it",
+                    path, type(exc).__name__, exc)
         return None
-    return mat
 
 
 # ---------------------------------------------------------------- projectors
@@ -228,6 +263,16 @@ class SparseProjector:
         if self._matrix is None:
             self._matrix = SystemMatrix.get(self.geometry, self.cache)
         return self._matrix
+
+    def subset(self, i: int, m: int, geometry: Geometry) -> "SparseProjector":
+        """Projector of the angles ``i, i + m, ...`` (``geometry``: their geometry).
+
+        Reuses this projector's matrix rows when the matrix is in memory, else builds lazily.
+        """
+        matrix = None
+        if self._matrix is not None:
+            matrix = self._matrix.angle_subset(self.geometry, i, m, geometry)
+        return SparseProjector(geometry, cache=self.cache, matrix=matrix)
 
     def _apply(self, x: torch.Tensor, transpose: bool, out_shape) -> torch.Tensor:
         x = x.detach()

@@ -36,11 +36,13 @@ scaling; all set to 0 for ``nu_n > c``, as in ODL's ``fbp_op``):
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import torch
 
 from .geometry import FanBeamGeometry, Geometry, ParallelBeamGeometry
+from .ray_transform import RayTransform
 
 __all__ = ["fbp", "ramp_filter", "FILTERS"]
 
@@ -67,7 +69,8 @@ def _check_filter(filter: str, frequency_scaling: float) -> str:
     name = str(filter).lower().replace("_", "-")
     if name not in FILTERS:
         raise ValueError(f"`filter` must be one of {FILTERS}, got {filter!r}")
-    if not (isinstance(frequency_scaling, (int, float)) and 0 < frequency_scaling <= 1):
+    if not (isinstance(frequency_scaling, numbers.Real) and not isinstance(frequency_scaling, bool)
+            and 0 < frequency_scaling <= 1):
         raise ValueError(f"`frequency_scaling` must be in (0, 1], got {frequency_scaling!r}")
     return name
 
@@ -127,8 +130,6 @@ def fbp(sinogram: torch.Tensor, operator, filter: str = "ram-lak", frequency_sca
     torch.Tensor
         Image in the units of the operator's domain (attenuation per length unit).
     """
-    from .ray_transform import RayTransform
-
     if isinstance(operator, Geometry):
         operator = RayTransform(operator)
     if not isinstance(operator, RayTransform):
@@ -140,6 +141,8 @@ def fbp(sinogram: torch.Tensor, operator, filter: str = "ram-lak", frequency_sca
         shape = tuple(sinogram.shape) if isinstance(sinogram, torch.Tensor) else type(sinogram).__name__
         raise ValueError(f"`sinogram` has shape {shape}, expected (..., {geom.range_shape[0]}, "
                          f"{geom.range_shape[1]}) for {geom!r}")
+    if sinogram.numel() == 0:
+        return sinogram.new_zeros(tuple(sinogram.shape[:-2]) + tuple(geom.image_shape))
     weights = torch.as_tensor(geom.angle_weights(), dtype=sinogram.dtype, device=sinogram.device)
     if isinstance(geom, ParallelBeamGeometry):
         q = ramp_filter(sinogram, geom.detector_spacing, filter, frequency_scaling, padding)

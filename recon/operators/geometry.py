@@ -213,12 +213,21 @@ class Geometry:
         return self.select_angles(slice(i, None, m))
 
     def coarsen(self, factor: int) -> "Geometry":
-        """Same angles, detector and physical extent on an ``(H//factor, W//factor)`` grid."""
+        """Same angles, detector and physical extent on an ``(H/factor, W/factor)`` grid.
+
+        ``factor`` must divide ``H`` and ``W`` (each coarse pixel is ``factor x factor`` fine
+        pixels), else ``ValueError``.
+        """
         if int(factor) != factor or factor < 1:
             raise ValueError(f"`factor` must be a positive int, got {factor!r}")
         H, W = self.image_shape
         if H // factor < 1 or W // factor < 1:
             raise ValueError(f"`factor`={factor} is too large for image_shape {self.image_shape}")
+        if H % factor or W % factor:
+            raise ValueError(
+                f"`factor`={factor} does not divide image_shape {self.image_shape}: the coarse "
+                f"pixels would be {H / (H // factor):g} x {W / (W // factor):g} fine pixels, not "
+                f"{factor} x {factor}; pick a factor of both sides or resize the images")
         return self._replace(image_shape=(H // int(factor), W // int(factor)))
 
     # ------------------------------------------------------------- identity

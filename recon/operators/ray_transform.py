@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 import os
 
-import numpy as np
 import torch
 
 from .geometry import Geometry, _check_subset
@@ -102,7 +101,7 @@ class RayTransform:
     """
 
     def __init__(self, geometry: Geometry, backend: str = "torch", *, method: str = "auto",
-                 cache=True, check_finite: bool = True, _matrix=None):
+                 cache=True, check_finite: bool = True, _impl=None):
         if not isinstance(geometry, Geometry):
             raise TypeError(f"`geometry` must be a Geometry, got {type(geometry).__name__}")
         if backend not in BACKENDS:
@@ -120,11 +119,13 @@ class RayTransform:
         self.check_finite = check_finite
         self._norm: float | None = None
         self._adjoint_op = None
-        if backend == "torch":
+        if _impl is not None:  # a backend's own subset (see :meth:`subset`)
+            self._impl = _impl
+        elif backend == "torch":
             from ._torch_backend import MatrixFreeProjector, SparseProjector
 
             if self.method == "sparse":
-                self._impl = SparseProjector(geometry, cache=cache, matrix=_matrix)
+                self._impl = SparseProjector(geometry, cache=cache)
             else:
                 self._impl = MatrixFreeProjector(geometry)
         elif backend == "astra":
@@ -216,27 +217,20 @@ class RayTransform:
             self._norm = math.sqrt(max(lam, 0.0))
         return self._norm
 
-    def _like(self, geometry: Geometry, matrix=None) -> "RayTransform":
+    def _like(self, geometry: Geometry, impl=None) -> "RayTransform":
         return RayTransform(geometry, self.backend, method=self.method, cache=self.cache,
-                            check_finite=self.check_finite, _matrix=matrix)
+                            check_finite=self.check_finite, _impl=impl)
 
     def subset(self, i: int, m: int) -> "RayTransform":
         """Operator of the angles ``i, i + m, i + 2m, ...`` (data: :func:`subset_data`).
 
-        For the sparse ``torch`` backend the rows are sliced out of this operator's
-        matrix when it is already in memory.
+        A backend that can slice its own representation (the sparse ``torch`` backend: rows
+        of its matrix when it is in memory) provides ``subset(i, m, geometry)``.
         """
         _check_subset(i, m, self.geometry.n_angles)
         geom = self.geometry.subset(i, m)
-        matrix = None
-        if self.backend == "torch" and self.method == "sparse" and self._impl._matrix is not None:
-            from ._torch_backend import SystemMatrix
-
-            n_det = self.geometry.n_detectors
-            angles = np.arange(self.geometry.n_angles)[i::m]
-            rows = (angles[:, None] * n_det + np.arange(n_det)[None, :]).reshape(-1)
-            matrix = SystemMatrix.from_rows(self._impl._matrix, rows, geom)
-        return self._like(geom, matrix)
+        slicer = getattr(self._impl, "subset", None)
+        return self._like(geom, slicer(i, m, geom) if slicer is not None else None)
 
     def coarsen(self, factor: int) -> "RayTransform":
         """Same angles, detector and physical extent on the ``(H//factor, W//factor)`` grid.
@@ -244,13 +238,6 @@ class RayTransform:
         ``A.coarsen(2)(avg_pool2d(x, 2)) ≈ A(x)``: sketched operators for sketched LSPD.
         """
         return self._like(self.geometry.coarsen(factor))
-
-    def fbp(self, sinogram: torch.Tensor, filter: str = "ram-lak", frequency_scaling: float = 1.0,
-            **kwargs) -> torch.Tensor:
-        """Filtered back projection, see :func:`recon.operators.fbp`."""
-        from .fbp import fbp
-
-        return fbp(sinogram, self, filter=filter, frequency_scaling=frequency_scaling, **kwargs)
 
     def __repr__(self) -> str:
         return f"RayTransform({self.geometry!r}, backend={self.backend!r}, method={self.method!r})"
