@@ -265,6 +265,15 @@ class AdaptiveInexact(HypergradientEstimator):
         self._est = {}
         self._since_probe = 0
 
+    def warm_state(self) -> Dict[str, Any]:
+        """CG's last ``q`` and the running Lipschitz estimates (checkpointed by the outer loops)."""
+        return {"q": self._q, "lipschitz": dict(self._est), "since_probe": self._since_probe}
+
+    def load_warm_state(self, state: Mapping[str, Any]) -> None:
+        self._q = state.get("q")
+        self._est = {k: float(v) for k, v in dict(state.get("lipschitz") or {}).items()}
+        self._since_probe = int(state.get("since_probe", 0))
+
     @property
     def lipschitz_estimates(self) -> Dict[str, float]:
         """Running maxima of the secant estimates (before ``safety``), by name."""
