@@ -201,8 +201,9 @@ class HOAG(OuterLoop):
                        eps: float, dtype) -> tuple:
         """Armijo test on dual-corrected losses. Returns ``(reason or None, |correction|, g⁺)``.
 
-        ``"loss not resolved"`` (and a tighter ``tol_scale``) when the corrections are too large
-        for the test to mean anything and the accuracy can still be tightened. When the predicted
+        ``"loss not resolved"`` (and a tighter ``tol_scale``) when the outcome is within the size
+        of the corrections (``|ℓ̂⁺ − (ℓ̂_k − c₁⟨g, θ_k − θ⁺⟩)| < |⟨q, r⁺⟩| + |⟨q, r_k⟩|``), they are
+        not negligible against the predicted decrease, and the accuracy can still be tightened. When the predicted
         decrease is below round-off of ``ℓ``, the decrease is measured by the trapezoid rule
         ``ℓ(θ⁺) − ℓ(θ_k) ≈ ½⟨g_k + g⁺, θ⁺ − θ_k⟩`` (exact on quadratics) instead; ``g⁺`` is
         returned so an accepted point needs no second evaluation."""
@@ -215,8 +216,9 @@ class HOAG(OuterLoop):
         noise = unc + st.unc
         if st.q is None and sol.max_iterations == 0:  # no adjoint, and x did not move at all
             noise = math.inf
+        margin = f_hat - (st.closs - predicted)  # ≤ 0: the test passes
         floor = self._eps(dataclasses_replace(st, tol_scale=0.0), dtype)
-        if noise > 0.5 * predicted and eps > floor:
+        if abs(margin) < noise and noise > 0.1 * predicted and eps > floor:  # undecided: resolve
             st.tol_scale *= min(0.5, max(0.01, 0.25 * predicted / noise)) if noise < math.inf else 0.1
             return "loss not resolved", unc, None
         if predicted > 1e3 * 16 * _EPS * abs(st.loss):
