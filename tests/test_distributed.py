@@ -19,8 +19,10 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or
 
 def _spawn(tmp_path, method: str, mode: str = "ok", world: int = 2) -> list:
     store = tmp_path / "store"
-    mp.spawn(W.worker, args=(world, str(store), method, str(tmp_path), mode), nprocs=world,
-             join=True)
+    # fork (Linux) reuses the imported torch: ~0.5 s instead of ~5 s of imports per process
+    method_ = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(W.worker, args=(world, str(store), method, str(tmp_path), mode),
+                       nprocs=world, join=True, start_method=method_)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
