@@ -55,3 +55,48 @@ def worker(rank: int, world: int, store: str, method: str, out: str, mode: str) 
     finally:
         torch.distributed.destroy_process_group()
     torch.save(payload, os.path.join(out, f"rank{rank}.pt"))
+
+
+# ----------------------------------------------------------------------- recon.train fit (DDP)
+def fit_setup(n_train: int = 7, n_val: int = 3):
+    """A tiny LPD on 16² disks (float32) and its train / validation data."""
+    from _dense_operator import DenseRayTransform, parallel_angles
+    from recon.models import LearnedPrimalDual
+    op = DenseRayTransform((16, 16), parallel_angles(8))
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 16), torch.linspace(-1, 1, 16), indexing="ij")
+    images = torch.zeros(n_train + n_val, 1, 16, 16)
+    for i in range(len(images)):
+        c = torch.rand(2, generator=g) - 0.5
+        images[i, 0] = ((xx - c[0]) ** 2 + (yy - c[1]) ** 2 < 0.3 ** 2) * 0.5 + 0.1 * i / len(images)
+    data = {"sinogram": op(images), "image": images}
+    train = {k: v[:n_train] for k, v in data.items()}
+    val = {k: v[n_train:] for k, v in data.items()}
+    torch.manual_seed(0)
+    model = LearnedPrimalDual(op, n_iterations=2, hidden_channels=4, n_primal=2, n_dual=2,
+                              init="zero")
+    return model, train, val
+
+
+def fit_run(out_dir: str, max_steps=None, resume: bool = False):
+    """``fit`` of :func:`fit_setup` (3 epochs of batch 3: batches of 3, 3 and 1 samples)."""
+    from recon.train import TrainConfig, fit
+    model, train, val = fit_setup()
+    config = TrainConfig(epochs=3, batch_size=3, lr=1e-3, progress=False, seed=1)
+    result = fit(model, train, val, config, out_dir, max_steps=max_steps, resume=resume)
+    return {"history": [dict(r, seconds=0.0) for r in result.history], "step": result.step,
+            "model": {k: v.clone() for k, v in model.state_dict().items()}}
+
+
+def fit_worker(rank: int, world: int, store: str, out: str, out_dir: str, max_steps,
+               resume: bool) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                                         world_size=world)
+    try:
+        payload = fit_run(out_dir, max_steps, resume)
+    except Exception as exc:
+        payload = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
+    finally:
+        torch.distributed.destroy_process_group()
+    torch.save(payload, os.path.join(out, f"fit_rank{rank}.pt"))
