@@ -26,12 +26,14 @@ def _spawn(tmp_path, method: str, mode: str = "ok", world: int = 2) -> list:
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
-@pytest.mark.parametrize("method", ["HOAG", "MAID"])
-def test_two_processes_follow_the_one_process_trajectory(tmp_path, method):
+@pytest.mark.parametrize("method,mode", [("HOAG", "ok"), ("MAID", "ok"), ("HOAG", "sum"),
+                                         ("MAID", "resume")])
+def test_two_processes_follow_the_one_process_trajectory(tmp_path, method, mode):
     torch.set_num_threads(1)
     batch, theta0 = W.tv_problem()
-    one = W.trajectory(W.make_solver(method).run(theta0, batch))
-    outs = _spawn(tmp_path, method)
+    loss = "sum" if mode == "sum" else "mean"
+    one = W.trajectory(W.make_solver(method, loss).run(theta0, batch))
+    outs = _spawn(tmp_path, method, mode)
     for r, out in enumerate(outs):
         assert "error" not in out, out.get("trace")
         two = torch.tensor(out["trajectory"], dtype=torch.float64)
@@ -39,6 +41,16 @@ def test_two_processes_follow_the_one_process_trajectory(tmp_path, method):
         assert two.shape == ref.shape, (r, two.shape, ref.shape)
         assert torch.allclose(two, ref, rtol=1e-6, atol=1e-6), (r, (two - ref).abs().max())
     assert len(one) >= 4 and abs(one[-1][0] - one[0][0]) > 1e-2  # θ really moved
+
+
+def test_a_per_rank_checkpoint_refuses_another_world_size(tmp_path):
+    from bilevel import Result
+    _spawn(tmp_path, "HOAG", mode="resume")
+    assert sorted(p.name for p in tmp_path.glob("ckpt.pt*")) == ["ckpt.pt.rank0", "ckpt.pt.rank1"]
+    batch, theta0 = W.tv_problem()
+    saved = Result.load(str(tmp_path / "ckpt.pt.rank0"))
+    with pytest.raises(ValueError, match="world size 2, this run has 1"):
+        W.make_solver("HOAG").run(theta0, batch, resume=saved)
 
 
 def test_ranks_with_different_theta_names_raise(tmp_path):
