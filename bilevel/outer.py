@@ -166,15 +166,17 @@ class OuterLoop:
         initialised, ``batch`` is this rank's shard and the run is data parallel
         (:mod:`bilevel.distributed`: the loss is ``Σ_r w_r ℓ_r``, ``w_r = n_r/N`` unless
         ``outer.reduction == "sum"``); θ0 must be the same on every rank, the checkpoint is
-        one file per rank (``<checkpoint>.rank<r>``) and resumes with the same world size.
+        one file per rank (``<checkpoint>.rank<r>``) and resumes with the same world size, and
+        ``Result.x`` holds this rank's shard of the inner solutions.
         """
-        if not dist_.group_ready():
+        if not dist_.group_ready() or not isinstance(theta0, dict):  # (a non-dict: TypeError)
             return self._run(theta0, batch, x0, resume)
         with dist_.data_parallel():
-            dist_.check_same(sorted(theta0) if isinstance(theta0, dict) else None, "theta0's names")
+            dist_.check_same(sorted(theta0), "theta0's names")
             dist_.check_same({k: torch.as_tensor(v).detach().cpu().double().reshape(-1).tolist()
                               for k, v in theta0.items()}, "theta0's values")
-            n_local = (self.inner.init(theta0, batch) if x0 is None else x0).shape[0]
+            theta = check_theta(theta0, self.inner.theta_names)
+            n_local = (self.inner.init(theta, batch) if x0 is None else x0).shape[0]
             weight = dist_.shard_weight(n_local, getattr(self.outer, "reduction", "mean"))
             user_outer, self.outer = self.outer, dist_.ShardWeightedLoss(self.outer, weight)
             try:

@@ -22,6 +22,13 @@ trains the same model as a single process would:
   prefix) and shows the one progress bar.
 
 With no process group (or one rank) every helper is the identity and nothing changes.
+
+Other training loops (task pretraining, the joint task-adapted trainer) plug in the same way,
+five lines in their step and epoch code: ``net = wrap_model(model, device)`` after restoring a
+checkpoint; in the step ``idx, w = local_batch(idx)``, ``value = global_loss(float(loss), w)``
+(check it for finiteness), ``(loss * backward_scale(w)).backward()``; metrics as sums and counts
+through :func:`bilevel.distributed.all_reduce_floats` inside ``data_parallel()``; files and
+progress bars only ``if is_main()``; ``barrier()`` before returning.
 """
 
 from __future__ import annotations
