@@ -44,11 +44,19 @@ def training() -> list:
     return [[r["train_loss"], r["val_psnr"]] for r in result.history]
 
 
+def guarded(fn, *args):
+    """``fn(*args)``, or the error as a string (so one failing job does not hide the others)."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # reported in the table
+        return f"{type(exc).__name__}: {exc}"[:300]
+
+
 def worker(rank, world, store, out):
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                                          world_size=world)
-    rows = {m: bilevel(m) for m in ("HOAG", "MAID")}
-    rows["DDP training"] = training()
+    rows = {m: guarded(bilevel, m) for m in ("HOAG", "MAID")}
+    rows["DDP training"] = guarded(training)
     torch.distributed.destroy_process_group()
     if rank == 0:
         torch.save(rows, os.path.join(out, "two.pt"))
@@ -56,8 +64,8 @@ def worker(rank, world, store, out):
 
 def main():
     t0 = time.perf_counter()
-    one = {m: bilevel(m) for m in ("HOAG", "MAID")}
-    one["DDP training"] = training()
+    one = {m: guarded(bilevel, m) for m in ("HOAG", "MAID")}
+    one["DDP training"] = guarded(training)
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(worker, args=(2, os.path.join(tmp, "store"), tmp), nprocs=2,
                            start_method="spawn")
@@ -65,6 +73,11 @@ def main():
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
               "seconds": time.perf_counter() - t0}
     for job in one:
+        if isinstance(one[job], str) or isinstance(two[job], str):
+            report[job] = {"error_1_process": one[job] if isinstance(one[job], str) else None,
+                           "error_2_processes": two[job] if isinstance(two[job], str) else None}
+            print(job, report[job])
+            continue
         a = torch.tensor(one[job], dtype=torch.float64)
         b = torch.tensor(two[job], dtype=torch.float64)
         diff = float((a - b).abs().max()) if a.shape == b.shape else float("inf")
