@@ -43,6 +43,7 @@ from typing import Any, Callable, Dict, Optional, Union
 import torch
 from torch import Tensor
 
+from . import distributed as dist_
 from .history import tolerance_schedule
 from .hypergrad import ImplicitCG
 from .linalg import NonPositiveCurvatureError, batch_norm
@@ -149,9 +150,9 @@ class HOAG(OuterLoop):
 
     def _start(self, theta: Theta, batch: Any, x0: Optional[Tensor]) -> HOAGState:
         x_init = self.inner.init(theta, batch)
-        ref = float(batch_norm(self.inner.grad(x_init, theta, batch)).max())
+        ref = dist_.all_reduce(float(batch_norm(self.inner.grad(x_init, theta, batch)).max()), "max")
         if not (math.isfinite(ref) and ref > 0):  # x⁰ is already optimal: scale by ‖x⁰‖ instead
-            ref = float(batch_norm(x_init).max()) or 1.0
+            ref = dist_.all_reduce(float(batch_norm(x_init).max()), "max") or 1.0
         return HOAGState(theta=theta, x=None if x0 is None else x0.detach().clone(),
                          inner_ref=ref, step=self.step_size)
 
@@ -234,9 +235,9 @@ class HOAG(OuterLoop):
                    q: Optional[Tensor]) -> tuple:
         """``(ℓ(x̃) − ⟨q, ∇ₓΦ(x̃; θ)⟩, |⟨q, ∇ₓΦ(x̃; θ)⟩|)``: the dual-weighted value of ``ℓ(x̂)``
         and the size of the correction (``(ℓ, 0)`` for estimators without an adjoint)."""
-        if q is None or q.shape != x.shape:
+        if dist_.all_reduce(q is None or q.shape != x.shape, "max"):
             return loss, 0.0
-        corr = float((q.double() * self.inner.grad(x, theta, batch).double()).sum())
+        corr = dist_.all_reduce(float((q.double() * self.inner.grad(x, theta, batch).double()).sum()))
         return loss - corr, abs(corr)
 
     def _evaluate(self, st: HOAGState, batch: Any, eps: float, solved: bool = False) -> Dict[str, Any]:
