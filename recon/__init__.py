@@ -3,7 +3,7 @@ networks, task losses, metrics and data sets. Submodules load on first use."""
 import importlib
 
 __all__ = ["operators", "data", "metrics", "models", "regularizers", "problems", "losses",
-           "train", "joint"]
+           "train", "joint", "tasks"]
 __version__ = "0.1.0"
 
 
