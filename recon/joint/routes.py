@@ -95,9 +95,12 @@ def _train(net, loss_fn, data, config, route, out_dir, resume, meta):
 
 def run_route(route: str, operator: Any, train: Mapping[str, Tensor], config: JointConfig,
               options: Mapping[str, Any], C: float = 0.5, out_dir: Optional[str | Path] = None,
-              resume: bool = False, fbp_filter: str = "hann") -> tuple[JointNet, dict]:
+              resume: bool = False, fbp_filter: str = "hann",
+              reconstructor: Optional[str] = None) -> tuple[JointNet, dict]:
     """Train ``route`` (see the module docstring) with seed ``config.seed``; returns the trained
-    :class:`JointNet` and ``{"train_seconds", "history"}``. ``C`` is used by the joint routes."""
+    :class:`JointNet` and ``{"train_seconds", "history"}``. ``C`` is used by the joint routes;
+    ``reconstructor`` (``"lpd"``, ``"lspd"``, ``"sklspd"``) overrides the route's network (e.g.
+    a sequential route with LSPD, the ``C = 0`` end of a sweep)."""
     if route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
     C = check_weight(C)
@@ -109,7 +112,7 @@ def run_route(route: str, operator: Any, train: Mapping[str, Tensor], config: Jo
         net = JointNet(None, seg, input_key="image")
         res = _train(net, JointLoss(seg, 1.0), train, config, route, out, resume, meta)
         return net, {"train_seconds": res.seconds, "history": res.history}
-    rec = build_reconstructor(_RECON[route], operator, options, fbp_filter)
+    rec = build_reconstructor(reconstructor or _RECON[route], operator, options, fbp_filter)
     seg = build_segmenter(options)
     if route != "sequential":
         net = JointNet(rec, seg)
