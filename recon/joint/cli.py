@@ -37,8 +37,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--photons", type=float, default=d["photons"], help="Poisson I0 (7e4)")
     for key, value in m.items():
         p.add_argument("--" + key.replace("_", "-"), type=int, default=value)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=7)
+    p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)

@@ -42,8 +42,8 @@ class JointConfig:
         progress: tqdm progress bar.
     """
 
-    epochs: int = 8
-    batch_size: int = 8
+    epochs: int = 7
+    batch_size: int = 4
     lr: float = 1e-3
     clip_grad_norm: Optional[float] = 1.0
     seed: int = 0
@@ -124,8 +124,9 @@ def _step(net, loss_fn, optimizer, batch, clip) -> dict:
 
 
 def _state(route, net, optimizer, result, config, meta, losses) -> dict:
-    return {"epoch_losses": list(losses), "route": route, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-            "step": result.step, "epoch": result.epoch, "seconds": result.seconds,
+    return {"route": route, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+            "epoch_losses": list(losses), "step": result.step, "epoch": result.epoch,
+            "seconds": result.seconds,
             "history": [dict(r) for r in result.history], "rng": torch.get_rng_state(),
             "config": asdict(config), "metadata": dict(meta)}
 
