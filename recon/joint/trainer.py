@@ -44,7 +44,7 @@ class JointConfig:
 
     epochs: int = 7
     batch_size: int = 4
-    lr: float = 1e-3
+    lr: float = 3e-3
     clip_grad_norm: Optional[float] = 1.0
     seed: int = 0
     progress: bool = True
