@@ -97,7 +97,7 @@ def true_losses(inner, outer, batch, history):
     """``ℓ(x̂(θ_k))`` for every record, the inner problem solved to ``TRUE_TOL`` (warm-started)."""
     out, x, cache = [], None, {}
     for r in history:
-        key = tuple(sorted(r["theta"].items()))
+        key = json.dumps(r["theta"], sort_keys=True)
         if key not in cache:
             theta = _theta(r["theta"])
             sol = solve_inner(inner, theta, batch, TRUE_TOL, x0=x, method="newton-cg", max_iter=200)

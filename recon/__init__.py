@@ -2,9 +2,8 @@
 networks, task losses, metrics and data sets. Submodules load on first use."""
 import importlib
 
-__all__ = ["operators", "data", "metrics", "models", "regularizers", "problems", "losses", "io",
-           "checkpoint", "training",
-           "train", "joint"]
+__all__ = ["operators", "data", "metrics", "models", "regularizers", "problems", "experts",
+           "losses", "io", "checkpoint", "training", "train", "joint", "tasks"]
 __version__ = "0.1.0"
 
 

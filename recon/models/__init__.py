@@ -1,8 +1,11 @@
-"""Reconstruction networks: the learned primal-dual family (LPD, LSPD, sketched LSPD)."""
+"""Networks: the learned primal-dual family (LPD, LSPD, sketched LSPD), a compact U-Net and
+torchvision ResNet classifiers (``resnet_classifier``; torchvision is imported on first call)."""
 
 from .blocks import ResidualConvBlock
 from .unrolled import (LSPD, MODELS, LearnedPrimalDual, SketchedLSPD, UnrolledPrimalDual,
                        build_model)
+from .classifiers import resnet_classifier
+from .unet import UNet
 
 __all__ = ["ResidualConvBlock", "UnrolledPrimalDual", "LearnedPrimalDual", "LSPD",
-           "SketchedLSPD", "MODELS", "build_model"]
+           "SketchedLSPD", "MODELS", "build_model", "UNet", "resnet_classifier"]

@@ -1,0 +1,241 @@
+"""Joint task-adapted CT on a CPU: the analog of Table 3.2 of the reference.
+
+Lesion phantoms with masks (64², 30 parallel-beam angles, Poisson low dose I₀ = 7·10⁴), and
+these routes, each over ``--seeds`` seeds (weights and sample order; the data are fixed):
+
+* ``clean``       U-Net on the ground-truth images (ceiling);
+* ``sequential``  LPD trained on MSE, then the U-Net on its frozen outputs (floor);
+* ``joint_lpd``, ``joint_lspd``, ``joint_sklspd``: reconstructor and U-Net trained together on
+  ``(1 − C)·MSE + C·(CE + Dice)``;
+* ``tv_mse``, ``tv_task``: smoothed-TV CT (``recon.problems.VariationalCT``, Newton-CG from the
+  FBP) with θ learned by HOAG for MSE / for the segmentation loss of the clean U-Net of the same
+  seed, scored with that U-Net.
+
+Prints Dice (lesion class, mean over test images; ± the 95 % t-interval over seeds), PSNR /
+SSIM of x̂, training and inference time, then the C sweep (joint LSPD, first seed; ``C = 0`` is
+the sequential route with LSPD) and the joint LSPD / joint LPD training-step time ratio measured
+side by side. Writes ``table.json`` and ``samples.png`` under ``--out``.
+
+    PYTHONPATH=. python examples/ct_joint.py            # the table (about 20 min on 2 cores)
+    PYTHONPATH=. python examples/ct_joint.py --quick    # smoke run, < 1 minute
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from recon.joint import (JointConfig, JointLoss, JointNet, build_joint_data,  # noqa: E402
+                         build_reconstructor, build_segmenter, default_joint_setup,
+                         default_model_options, evaluate_net, joint_gradients, learn_tv_theta,
+                         predict, run_route, tv_reconstruct)
+
+ROUTES = ("clean", "sequential", "joint_lpd", "joint_lspd", "joint_sklspd")
+SWEEP = (0.0, 0.1, 0.5, 0.9, 1.0)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command-line options (``--quick``: a tiny smoke configuration)."""
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--image-size", type=int, default=64, help="64 (default) or 128")
+    p.add_argument("--n-angles", type=int, default=30)
+    p.add_argument("--n-train", type=int, default=128)
+    p.add_argument("--n-test", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=7)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--C", type=float, default=0.5, help="task weight of the joint routes")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--hoag-iter", type=int, default=8)
+    p.add_argument("--hoag-samples", type=int, default=8, help="training images HOAG sees")
+    p.add_argument("--no-sweep", action="store_true")
+    p.add_argument("--no-tv", action="store_true")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="runs/ct_joint")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (< 1 minute)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.image_size, args.n_angles, args.n_train, args.n_test = 32, 16, 16, 8
+        args.epochs, args.seeds, args.hoag_iter, args.hoag_samples = 1, 2, 2, 2
+    return args
+
+
+def ci95(values) -> tuple[float, float]:
+    """Mean and half-width of the 95 % Student-t interval of the mean (``nan`` for one value)."""
+    from scipy.stats import t
+
+    values = [float(v) for v in values]
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    return mean, float(t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def _scores(res: dict, seconds: float) -> dict:
+    out = {k: float(v.mean()) for k, v in res.items() if torch.is_tensor(v)}
+    return {**out, "infer_ms": res["infer_ms"], "train_s": seconds}
+
+
+def step_time_ratio(operator, train, options, batch_size, repeats=6) -> dict:
+    """Median joint LSPD / joint LPD training-step seconds, interleaved on the same batch."""
+    batch = {k: v[:batch_size] for k, v in train.items()}
+    nets = {}
+    for name in ("lpd", "lspd"):
+        torch.manual_seed(0)
+        seg = build_segmenter(options)
+        nets[name] = (JointNet(build_reconstructor(name, operator, options), seg), JointLoss(seg, 0.5))
+        joint_gradients(*nets[name], batch)  # warm-up (operators, caches)
+    times = {"lpd": [], "lspd": []}
+    for _ in range(repeats):
+        for name, (net, loss) in nets.items():
+            t0 = time.perf_counter()
+            joint_gradients(net, loss, batch)
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"lpd_step_s": med["lpd"], "lspd_step_s": med["lspd"], "ratio": med["lspd"] / med["lpd"]}
+
+
+def run_routes(args, operator, train, test, options) -> tuple[dict, dict, dict]:
+    """Every route over every seed: (rows, first-seed outputs for the PNG, clean U-Nets)."""
+    rows, samples, clean_nets = {r: [] for r in ROUTES}, {}, {}
+    for seed in range(args.seeds):
+        config = JointConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed)
+        for route in ROUTES:
+            net, info = run_route(route, operator, train, config, options, C=args.C)
+            rows[route].append(_scores(evaluate_net(net, test), info["train_seconds"]))
+            if route == "clean":
+                clean_nets[seed] = net
+            if seed == 0:
+                samples[route] = predict(net, {k: v[:1] for k, v in test.items()})
+    return rows, samples, clean_nets
+
+
+def run_sweep(args, operator, train, test, options, rows) -> dict:
+    """Joint LSPD over C (first seed); C = 0 is the sequential route with LSPD."""
+    config = JointConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=0)
+    sweep = {}
+    for C in SWEEP:
+        if C == args.C:
+            sweep[C] = rows["joint_lspd"][0]
+            continue
+        route = "sequential" if C == 0.0 else "joint_lspd"
+        net, info = run_route(route, operator, train, config, options, C=C, reconstructor="lspd")
+        sweep[C] = _scores(evaluate_net(net, test), info["train_seconds"])
+    return sweep
+
+
+def run_tv(args, operator, train, test, clean_nets) -> tuple[dict, dict, dict]:
+    """HOAG-learned θ for MSE (once) and for the task (per seed's clean U-Net), scored on test."""
+    sub = {k: v[:args.hoag_samples] for k, v in train.items()}
+    rows, thetas, samples = {"tv_mse": [], "tv_task": []}, {"tv_task": []}, {}
+    t0 = time.perf_counter()
+    thetas["tv_mse"], _ = learn_tv_theta(operator, sub, "mse", max_iter=args.hoag_iter)
+    t_mse = time.perf_counter() - t0
+    x_mse, _ = tv_reconstruct(operator, thetas["tv_mse"], test)
+    for seed, clean in clean_nets.items():
+        t0 = time.perf_counter()
+        theta, _ = learn_tv_theta(operator, sub, "task", clean.segmenter, max_iter=args.hoag_iter)
+        t_task = time.perf_counter() - t0
+        thetas["tv_task"].append(theta)
+        t0 = time.perf_counter()
+        x_task, _ = tv_reconstruct(operator, theta, test)
+        infer_ms = 1e3 * (time.perf_counter() - t0) / len(test["image"])
+        for name, x, secs in (("tv_mse", x_mse, t_mse), ("tv_task", x_task, t_task)):
+            net = JointNet(None, clean.segmenter, input_key="x_tv")
+            res = evaluate_net(net, dict(test, x_tv=x))
+            from recon.metrics import psnr, ssim
+            res.update(psnr=psnr(x, test["image"]), ssim=ssim(x, test["image"]))
+            rows[name].append(_scores(res, secs))
+            rows[name][-1]["infer_ms"] = infer_ms
+            if seed == 0:
+                samples[name] = predict(net, {k: v[:1] for k, v in dict(test, x_tv=x).items()})
+    return rows, thetas, samples
+
+
+def format_table(rows: dict) -> str:
+    """Dice ± 95 % CI, PSNR, SSIM, training s, inference ms per route."""
+    lines = [f"{'route':14s} {'Dice (95% CI)':>20s} {'PSNR dB':>8s} {'SSIM':>6s} "
+             f"{'train s':>8s} {'infer ms':>8s}  n"]
+    for route, runs in rows.items():
+        d, h = ci95([r["dice"] for r in runs])
+        mean = lambda k: statistics.fmean(r[k] for r in runs) if k in runs[0] else float("nan")  # noqa: E731
+        lines.append(f"{route:14s} {d:10.4f} ± {h:7.4f} {mean('psnr'):8.2f} {mean('ssim'):6.3f} "
+                     f"{mean('train_s'):8.1f} {mean('infer_ms'):8.2f}  {len(runs)}")
+    return "\n".join(lines)
+
+
+def save_png(path: Path, test: dict, samples: dict) -> None:
+    """Phantom, x̂, predicted and true mask of the first test image, one row per route."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(samples), 4, figsize=(8, 2 * len(samples)), squeeze=False)
+    for ax_row, (route, out) in zip(axes, samples.items()):
+        panels = [("phantom", test["image"][0, 0]), (f"{route}: x̂", out["x"][0, 0]),
+                  ("predicted mask", out["logits"][0].argmax(0)), ("true mask", test["mask"][0, 0])]
+        for ax, (title, img) in zip(ax_row, panels):
+            ax.imshow(img.float().numpy(), cmap="gray")
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    setup = default_joint_setup(image_size=args.image_size, n_angles=args.n_angles,
+                                n_train=args.n_train, n_test=args.n_test)
+    options = (default_model_options(recon_channels=8, recon_iterations=3, unet_channels=4,
+                                     unet_depth=2) if args.quick else default_model_options())
+    operator, train = build_joint_data(setup, "train")
+    _, test = build_joint_data(setup, "test", operator=operator)
+    rows, samples, clean_nets = run_routes(args, operator, train, test, options)
+    sweep = {} if args.no_sweep else run_sweep(args, operator, train, test, options, rows)
+    thetas = {}
+    if not args.no_tv:
+        tv_rows, thetas, tv_samples = run_tv(args, operator, train, test, clean_nets)
+        rows.update(tv_rows)
+        samples.update(tv_samples)
+    ratio = step_time_ratio(operator, train, options, args.batch_size)
+    total = time.perf_counter() - t_start
+    print(f"\nTable 3.2 analog ({args.image_size}², {args.n_angles} angles, Poisson I0 = 7e4, "
+          f"C = {args.C}, {args.seeds} seeds, {torch.get_num_threads()} thread(s)):")
+    print(format_table(rows))
+    if sweep:
+        print("\nC sweep (joint LSPD, seed 0; C = 0: sequential with LSPD):")
+        for C, r in sweep.items():
+            print(f"  C = {C:3.1f}: Dice {r['dice']:.4f}  PSNR {r['psnr']:.2f} dB  SSIM {r['ssim']:.3f}")
+    if thetas:
+        print(f"\nTV θ: MSE-learned {thetas['tv_mse']}, task-learned {thetas['tv_task']}")
+    print(f"\njoint LSPD / joint LPD step time: {ratio['lspd_step_s']:.3f} s / "
+          f"{ratio['lpd_step_s']:.3f} s = {ratio['ratio']:.2f} (target <= 0.6)")
+    print(f"total {total:.0f} s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"args": vars(args), "setup": setup, "options": options, "rows": rows,
+              "summary": {r: dict(zip(("dice", "ci95"), ci95([x["dice"] for x in v])))
+                          for r, v in rows.items()},
+              "sweep": {str(C): r for C, r in sweep.items()}, "tv_theta": thetas,
+              "step_time": ratio, "total_seconds": total}
+    (out / "table.json").write_text(json.dumps(result, indent=2))
+    save_png(out / "samples.png", test, samples)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""The routes of the Table 3.2 analog, each trained and scored the same way.
+
+* ``clean``: ``S_ψ`` on the ground-truth images (the ceiling);
+* ``sequential``: ``R_φ`` (LPD) trained on MSE (``C = 0``), then ``S_ψ`` on ``R_φ``'s outputs
+  with ``R_φ`` frozen (the floor);
+* ``joint_lpd``, ``joint_lspd``, ``joint_sklspd``: ``R_φ`` and ``S_ψ`` trained together on
+  ``(1 − C)·MSE + C·(CE + Dice)``.
+
+Scores on the test split: Dice of the lesion class per image (``argmax`` of the logits against
+the mask, :func:`recon.metrics.dice`), PSNR (dB) and SSIM of ``x̂`` against the ground truth,
+training seconds and inference milliseconds per image.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .losses import JointLoss, check_weight
+from .trainer import JointConfig, JointNet, fit_joint
+
+__all__ = ["ROUTES", "default_model_options", "build_reconstructor", "build_segmenter", "run_route",
+           "evaluate_net", "predict"]
+
+ROUTES = ("clean", "sequential", "joint_lpd", "joint_lspd", "joint_sklspd")
+_RECON = {"sequential": "lpd", "joint_lpd": "lpd", "joint_lspd": "lspd", "joint_sklspd": "sklspd"}
+
+
+
+def default_model_options(**overrides: Any) -> dict:
+    """``recon_channels`` / ``recon_iterations`` of LPD / LSPD / Sk-LSPD (the "digits" preset
+    otherwise: 3×3 kernels, LSPD with 4 subsets, Sk-LSPD factor 2 with the last 2 layers
+    unsketched), ``unet_channels`` / ``unet_depth`` of the U-Net."""
+    options = dict(recon_channels=16, recon_iterations=5, unet_channels=8, unet_depth=3)
+    unknown = set(overrides) - set(options)
+    if unknown:
+        raise ValueError(f"unknown model options {sorted(unknown)}; known: {sorted(options)}")
+    options.update(overrides)
+    return options
+
+
+def build_reconstructor(name: str, operator: Any, options: Mapping[str, Any],
+                        fbp_filter: str = "hann") -> nn.Module:
+    """``recon.models.build_model(name, operator, "digits", ...)`` with the sizes of ``options``."""
+    from recon.models import build_model
+
+    return build_model(name, operator, "digits", fbp_filter=fbp_filter,
+                       hidden_channels=int(options["recon_channels"]),
+                       n_iterations=int(options["recon_iterations"]))
+
+
+def build_segmenter(options: Mapping[str, Any]) -> nn.Module:
+    """Two-class (background, lesion) :class:`recon.models.unet.UNet` on 1-channel images."""
+    from recon.models.unet import UNet
+
+    return UNet(in_channels=1, num_classes=2, base_channels=int(options["unet_channels"]),
+                depth=int(options["unet_depth"]))
+
+
+@torch.no_grad()
+def predict(net: JointNet, data: Mapping[str, Tensor], batch_size: int = 16) -> dict:
+    """``{"x": x̂, "logits": S(x̂)}`` over a split, in eval mode, with inference seconds."""
+    net.eval()
+    xs, logits, t0 = [], [], time.perf_counter()
+    for s in range(0, len(data["sinogram"]), batch_size):
+        x, z = net({k: v[s:s + batch_size] for k, v in data.items()})
+        xs.append(x)
+        logits.append(z)
+    seconds = time.perf_counter() - t0
+    return {"x": torch.cat(xs), "logits": torch.cat(logits) if logits[0] is not None else None,
+            "seconds": seconds}
+
+
+def evaluate_net(net: JointNet, data: Mapping[str, Tensor]) -> dict:
+    """Per-image Dice (lesion), PSNR (dB), SSIM of ``net`` on ``data`` and inference ms/image."""
+    from recon.metrics import dice, psnr, ssim
+
+    out = predict(net, data)
+    n = len(data["sinogram"])
+    res = {"infer_ms": 1e3 * out["seconds"] / n}
+    if out["logits"] is not None:
+        res["dice"] = dice(out["logits"].argmax(1, keepdim=True).float(), data["mask"])
+    if net.reconstructor is not None:
+        res["psnr"] = psnr(out["x"], data["image"])
+        res["ssim"] = ssim(out["x"], data["image"])
+    return res
+
+
+def _train(net, loss_fn, data, config, route, out_dir, resume, meta):
+    return fit_joint(net, loss_fn, data, config, route, out_dir, resume=resume, metadata=meta)
+
+
+def run_route(route: str, operator: Any, train: Mapping[str, Tensor], config: JointConfig,
+              options: Mapping[str, Any], C: float = 0.5, out_dir: Optional[str | Path] = None,
+              resume: bool = False, fbp_filter: str = "hann",
+              reconstructor: Optional[str] = None) -> tuple[JointNet, dict]:
+    """Train ``route`` (see the module docstring) with seed ``config.seed``; returns the trained
+    :class:`JointNet` and ``{"train_seconds", "history"}``. ``C`` is used by the joint routes;
+    ``reconstructor`` (``"lpd"``, ``"lspd"``, ``"sklspd"``) overrides the route's network (e.g.
+    a sequential route with LSPD, the ``C = 0`` end of a sweep)."""
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+    C = check_weight(C)
+    torch.manual_seed(config.seed)
+    out = Path(out_dir) if out_dir is not None else None
+    meta = {"route": route, "C": C, "options": dict(options)}
+    if route == "clean":
+        seg = build_segmenter(options)
+        net = JointNet(None, seg, input_key="image")
+        res = _train(net, JointLoss(seg, 1.0), train, config, route, out, resume, meta)
+        return net, {"train_seconds": res.seconds, "history": res.history}
+    rec = build_reconstructor(reconstructor or _RECON[route], operator, options, fbp_filter)
+    seg = build_segmenter(options)
+    if route != "sequential":
+        net = JointNet(rec, seg)
+        res = _train(net, JointLoss(seg, C), train, config, route, out, resume, meta)
+        return net, {"train_seconds": res.seconds, "history": res.history}
+    # sequential: R on MSE, then S on R's (fixed) outputs
+    r1 = _train(JointNet(rec, None), JointLoss(None, 0.0), train, config, "sequential/reconstruct",
+                out / "reconstruct" if out else None, resume, meta)
+    rec.requires_grad_(False)
+    stage2 = dict(train, recon=predict(JointNet(rec, None), train)["x"])
+    r2 = _train(JointNet(None, seg, input_key="recon"), JointLoss(seg, 1.0), stage2, config,
+                "sequential/segment", out / "segment" if out else None, resume, meta)
+    return JointNet(rec, seg), {"train_seconds": r1.seconds + r2.seconds,
+                                "history": r1.history + r2.history}

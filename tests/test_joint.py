@@ -1,0 +1,157 @@
+"""Joint task-adapted CT: trainer gradients = bilevel hypergradients, losses, routes, resume."""
+import math
+
+import pytest
+import torch
+
+from bilevel import Unrolled
+from recon.joint import (ExplicitBackprop, ExplicitReconstruction, JointConfig, JointLoss,
+                         JointNet, build_joint_data, build_reconstructor, build_segmenter,
+                         check_joint_data, default_joint_setup, default_model_options, fit_joint,
+                         joint_gradients, network_theta, run_route)
+
+DT = torch.float64
+OPTS = default_model_options(recon_channels=4, recon_iterations=2, unet_channels=4, unet_depth=2)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    setup = default_joint_setup(image_size=16, n_angles=8, n_train=6, n_test=4)
+    op, train = build_joint_data(setup, "train")
+    _, test = build_joint_data(setup, "test", operator=op)
+    return op, train, test
+
+
+def _nets(op, name, seed=0):
+    torch.manual_seed(seed)
+    rec = build_reconstructor(name, op, OPTS).to(DT)
+    seg = build_segmenter(OPTS).to(DT)
+    return rec, seg
+
+
+@pytest.mark.parametrize("name, C", [("lpd", 0.3), ("lspd", 0.0), ("lspd", 0.3), ("lspd", 1.0),
+                                     ("sklspd", 0.3)])
+def test_trainer_gradients_equal_bilevel_hypergradients(tiny, name, C):
+    op, train, _ = tiny
+    rec, seg = _nets(op, name)
+    batch = {k: v[:3].to(DT) for k, v in train.items()}
+    net, loss_fn = JointNet(rec, seg), JointLoss(seg, C)
+    net.train()
+    loss, grads = joint_gradients(net, loss_fn, batch)
+    inner = ExplicitReconstruction(rec)
+    hg = ExplicitBackprop()(inner, loss_fn, network_theta(rec), batch)
+    assert math.isclose(hg.loss, float(loss), rel_tol=1e-12)
+    n_checked = 0
+    for k, g in hg.theta_grad.items():
+        ref = grads[f"reconstructor.{k}"]
+        assert float((g - ref).abs().max()) <= 1e-10 * max(1.0, float(ref.abs().max())), k
+        n_checked += 1
+    for k, g in hg.param_grads.items():
+        ref = grads[k]  # the loss owns the segmenter: names "segmenter.…" in both
+        assert float((g - ref).abs().max()) <= 1e-10 * max(1.0, float(ref.abs().max())), k
+        n_checked += 1
+    assert n_checked == len(grads)
+    # bilevel's own estimator: one unrolled step of length 1/L = 1 lands on R_φ(y) exactly
+    un = Unrolled(n_steps=1)(inner, loss_fn, network_theta(rec), batch, torch.zeros_like(batch["image"]))
+    for k, g in un.theta_grad.items():
+        ref = grads[f"reconstructor.{k}"]
+        assert float((g - ref).abs().max()) <= 1e-10 * max(1.0, float(ref.abs().max())), k
+    nonzero = sum(float(g.abs().max()) > 0 for g in hg.theta_grad.values())
+    assert nonzero > len(hg.theta_grad) // 2  # the path φ → R_φ(y) is really differentiated
+    if C == 0.0:
+        assert all(float(g.abs().max()) == 0 for g in hg.param_grads.values())
+
+
+def test_explicit_solution_map_is_the_inner_minimiser_and_unrolled_zero_detaches(tiny):
+    op, train, _ = tiny
+    rec, seg = _nets(op, "lspd")
+    batch = {k: v[:2].to(DT) for k, v in train.items()}
+    inner, theta = ExplicitReconstruction(rec), network_theta(rec)
+    sol = inner.solve(theta, batch, 1e-12)
+    assert sol.all_converged and float(inner.grad(sol.x, theta, batch).abs().max()) == 0.0
+    assert torch.allclose(sol.x, rec(batch["sinogram"], x0=batch["fbp"]), rtol=0, atol=1e-14)
+    # bilevel.Unrolled(n_steps=0, start="init") cuts φ → x₀ (documented work-around)
+    hg = Unrolled(n_steps=0, start="init")(inner, JointLoss(seg, 0.5), theta, batch, sol.x)
+    assert all(float(g.abs().max()) == 0 for g in hg.theta_grad.values())
+
+
+def test_joint_loss_formula_and_bad_input(tiny):
+    _, train, _ = tiny
+    torch.manual_seed(0)
+    seg = build_segmenter(OPTS)
+    batch = {k: v[:2] for k, v in train.items()}
+    x = batch["image"] + 0.1
+    with torch.no_grad():
+        lo, hi = JointLoss(seg, 0.0)(x, {}, batch), JointLoss(seg, 1.0)(x, {}, batch)
+        mid = JointLoss(seg, 0.25)(x, {}, batch)
+    assert math.isclose(float(lo), 0.01, rel_tol=1e-5)
+    assert math.isclose(float(mid), 0.75 * float(lo) + 0.25 * float(hi), rel_tol=1e-6)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="C"):
+            JointLoss(seg, bad)
+    with pytest.raises(TypeError, match="C"):
+        JointLoss(seg, "0.5")
+    with pytest.raises(ValueError, match="mask"):
+        JointLoss(seg, 0.5)(x, {}, dict(batch, mask=batch["mask"][:, :, :8]))
+    with pytest.raises(ValueError, match="mask"):
+        JointLoss(seg, 0.5)(x, {}, dict(batch, mask=batch["mask"] * 0.5 + 0.25))
+    with pytest.raises(ValueError, match="mask"):
+        check_joint_data(dict(train, mask=train["mask"][:-1]))
+
+
+def test_geometry_not_matching_data_is_named(tiny):
+    op, train, _ = tiny
+    other = build_joint_data(default_joint_setup(image_size=16, n_angles=6, n_train=2), "train")[0]
+    with pytest.raises(ValueError, match="geometry"):
+        check_joint_data(train, other)
+
+
+def test_resume_continues_exactly_and_rejects_another_route(tiny, tmp_path):
+    op, train, _ = tiny
+    cfg = JointConfig(epochs=2, batch_size=3, lr=1e-3, progress=False)
+
+    def make():
+        rec, seg = _nets(op, "lspd")
+        return JointNet(rec.float(), seg.float()), seg
+
+    net, seg = make()
+    full = fit_joint(net, JointLoss(seg, 0.5), train, cfg, "joint_lspd")
+    net2, seg2 = make()
+    fit_joint(net2, JointLoss(seg2, 0.5), train, cfg, "joint_lspd", tmp_path, max_steps=3)
+    net3, seg3 = make()
+    part = fit_joint(net3, JointLoss(seg3, 0.5), train, cfg, "joint_lspd", tmp_path, resume=True)
+    assert part.step == full.step == 4
+    for (n, a), b in zip(net.state_dict().items(), net3.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert [h["loss"] for h in part.history] == pytest.approx([h["loss"] for h in full.history])
+    net4, seg4 = make()
+    with pytest.raises(ValueError, match="route 'joint_lspd'"):
+        fit_joint(net4, JointLoss(seg4, 0.5), train, cfg, "joint_lpd", tmp_path, resume=True)
+
+
+def test_unknown_route_is_named(tiny):
+    op, train, _ = tiny
+    with pytest.raises(ValueError, match="joint_xyz"):
+        run_route("joint_xyz", op, train, JointConfig(epochs=1, progress=False), OPTS)
+
+
+def test_ct_joint_quick_example_runs(tmp_path, one_torch_thread):
+    """Smoke test of ``examples/ct_joint.py --quick``: every route, the C sweep, the TV rows."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "ct_joint.py"
+    spec = importlib.util.spec_from_file_location("ct_joint_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--quick", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "table.json").read_text())
+    assert (tmp_path / "samples.png").stat().st_size > 1000
+    routes = ["clean", "sequential", "joint_lpd", "joint_lspd", "joint_sklspd", "tv_mse", "tv_task"]
+    assert list(saved["rows"]) == routes
+    for route in routes:
+        assert len(saved["rows"][route]) == 2
+        assert all(0.0 <= r["dice"] <= 1.0 for r in saved["rows"][route])
+    assert sorted(float(c) for c in saved["sweep"]) == [0.0, 0.1, 0.5, 0.9, 1.0]
+    assert saved["step_time"]["ratio"] > 0 and result["total_seconds"] < 60
