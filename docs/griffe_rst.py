@@ -4,7 +4,7 @@ rendered as Markdown (the docstrings themselves stay as they are).
 * ``.. math::`` blocks become MathJax display blocks (``$$ … $$``, pymdownx.arithmatex);
 * roles ``:class:`~bilevel.X``` (also ``:func:``, ``:meth:``, ``:mod:``, ``:attr:``, ``:data:``)
   become code spans showing the name as the reader of the source sees it;
-* ``::`` literal blocks become fenced code blocks;
+* ``::`` literal blocks and ``>>>`` doctest lines become fenced code blocks;
 * numpy-style ``Parameters`` / ``Returns`` headings underlined with dashes, followed by
   ``name: text`` lines, become a bold label and a bulleted list (a setext heading inside a
   docstring would otherwise land in the page's table of contents, once per class).
@@ -55,6 +55,13 @@ def _blocks(text: str) -> str:
             first = stripped[len(".. math::"):].strip()
             out += [indent + "$$"] + ([indent + first] if first else []) + \
                 [indent + b for b in body] + [indent + "$$"]
+            continue
+        if stripped.startswith(">>>"):           # doctest lines would read as blockquotes
+            j = i
+            while j < len(lines) and lines[j].strip():
+                j += 1
+            out += [indent + "```pycon"] + [indent + ln.strip() for ln in lines[i:j]] + [indent + "```"]
+            i = j
             continue
         if stripped.endswith("::") and i + 1 < len(lines) and not lines[i + 1].strip():
             body, j = _indented_block(lines, i)

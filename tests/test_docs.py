@@ -99,3 +99,12 @@ def test_tutorial_runs(page, tmp_path):
 def test_cli_tutorial_runs_in_the_shell(page, tmp_path):
     made = run_tutorials.run_page(page, tmp_path, small=True)
     assert made and all(_png(f) for f in made)
+
+
+def test_code_on_the_other_pages_compiles():
+    pages = [p for p in (ROOT / "docs").glob("*.md")]
+    assert pages
+    for page in pages:
+        for i, (lang, code) in enumerate(run_tutorials.code_blocks(page)):
+            if lang == "python":
+                compile(code, f"{page.name}[block {i}]", "exec")
