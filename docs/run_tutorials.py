@@ -128,7 +128,7 @@ def main(argv=None) -> None:
             if not args.quick:
                 (TUTORIALS / "figures").mkdir(exist_ok=True)
                 for f in made:
-                    shutil.copy(f, TUTORIALS / "figures" / f.name)
+                    shutil.copyfile(f, TUTORIALS / "figures" / f.name)
                     print(f"   wrote docs/tutorials/figures/{f.name}")
 
 
