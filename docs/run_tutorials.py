@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent
@@ -79,7 +80,10 @@ def _replay(code: str, env: dict) -> None:
             old = sys.argv
             sys.argv = [argv[2], *argv[3:]]
             try:
-                runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
+                with warnings.catch_warnings():  # the module may be imported already: fine
+                    warnings.filterwarnings("ignore", message=".*found in sys.modules",
+                                            category=RuntimeWarning)
+                    runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
             except SystemExit as stop:
                 if stop.code not in (None, 0):
                     raise RuntimeError(f"{' '.join(argv)} exited with status {stop.code}") from None
