@@ -17,17 +17,13 @@ gradient products its error bounds use; ``Unrolled`` counts its differentiable s
 Methods (each stops after ``--iters`` outer iterations or once its cost passes ``--max-cost``):
 
 * ``MAID`` -- :class:`bilevel.MAID`, default parameters (accuracies chosen by the method).
-* ``HOAG-geometric`` / ``-quadratic`` / ``-cubic`` -- :class:`bilevel.HOAG` with tolerance
-  ``ε_k = ε₀·0.9ᵏ``, ``ε₀/(k+1)²``, ``ε₀/(k+1)³`` for both the inner solve and CG, with
-  ``ε₀ = 0.1·min(maxᵦ‖∇ₓΦ_b(x⁰)‖, maxᵦ‖(∇ₓℓ)_b(x⁰)‖)`` -- the scale rule MAID uses for its own
-  starting ``ε₀``, ``δ₀`` (HOAG's library default ``tol0 = 1e-2`` exceeds both norms here, which
-  makes its CG return ``q = 0``).
-* ``IFT-fixed`` -- gradient descent with the implicit (``ImplicitCG``) hypergradient at the fixed
-  accuracy ``ε₀/100`` (inner and CG), stepped by HOAG's adaptive step rule (a plain fixed step
-  ``1/‖g₀‖`` zig-zags on this problem).
+* ``HOAG-geometric`` / ``-quadratic`` / ``-cubic`` -- :class:`bilevel.HOAG` with its default
+  relative accuracies ``ε_k = 0.1·0.9ᵏ``, ``0.1/(k+1)²``, ``0.1/(k+1)³`` (inner solve relative to
+  ``maxᵦ‖∇ₓΦ_b(x⁰)‖``, CG relative to ``‖(∇ₓℓ)_b‖``), its Armijo step rule and stopping rules.
+* ``IFT-fixed`` -- HOAG's loop with the implicit (``ImplicitCG``) hypergradient at the fixed
+  relative accuracy ``1e-3`` (inner and CG).
 * ``Unrolled`` -- the same with :class:`bilevel.Unrolled` (``--unroll`` gradient steps of size
-  ``1/L`` from the inner solution at ``ε₀/100``, differentiated by backprop; its cost counts
-  them).
+  ``1/L`` from the inner solution, differentiated by backprop; its cost counts them).
 
 Every iterate's *true* upper loss ``ℓ(x̂(θ_k))`` is re-evaluated afterwards with the inner
 problem solved to ``‖∇ₓΦ_b‖ ≤ 1e-9`` by Newton-CG (not counted as cost; the loss is then exact to
@@ -61,11 +57,16 @@ from bilevel.hypergrad import outer_gradients  # noqa: E402
 from bilevel.linalg import batch_norm  # noqa: E402
 from recon.data.natural_images import denoising_batch  # noqa: E402
 from recon.losses import MSEToTarget  # noqa: E402
+from recon.experts import FieldOfExpertsDenoising  # noqa: E402
 from recon.problems import TVDenoising  # noqa: E402
 
 DTYPE = torch.float64
-THETA0 = {"log_weight": -5.0, "log_smoothing": -5.0}
-BOUNDS = Bounds(lower={"log_smoothing": -7.0})
+#: problem name -> (inner problem class, θ₀, bounds); "foe" has 25 hyperparameters
+PROBLEMS = {
+    "tv": (TVDenoising, {"log_weight": -5.0, "log_smoothing": -5.0}, Bounds(lower={"log_smoothing": -7.0})),
+    "foe": (FieldOfExpertsDenoising, {"log_weights": [-5.0] * 24, "log_smoothing": -5.0},
+            Bounds(lower={"log_smoothing": -7.0})),
+}
 INNER_METHOD = "accelerated-gradient"
 INNER_MAX_ITER = 5000
 TRUE_TOL = 1e-9
@@ -73,7 +74,19 @@ REACH_RTOL = 1e-4
 
 
 def _theta(values):
-    return {k: torch.tensor(float(v), dtype=DTYPE) for k, v in values.items()}
+    return {k: torch.tensor(v, dtype=DTYPE) for k, v in values.items()}
+
+
+def _theta_text(theta, limit=4):
+    """θ for a table cell: scalars as numbers, vectors as their first values."""
+    parts = []
+    for k, v in theta.items():
+        if isinstance(v, list):
+            head = ", ".join(f"{x:.2f}" for x in v[:limit])
+            parts.append(f"{k}=[{head}{', …' if len(v) > limit else ''}]")
+        else:
+            parts.append(f"{k}={v:.3f}")
+    return " ".join(parts)
 
 
 def _stop_at_cost(max_cost):
@@ -99,10 +112,11 @@ def first_reach(costs, losses, level):
     return next((c for c, l in zip(costs, losses) if l <= level), None)
 
 
-def run(images=16, size=64, sigma=0.1, iters=60, max_cost=3000, unroll=30, seed=0):
+def run(images=16, size=64, sigma=0.1, iters=60, max_cost=3000, unroll=30, seed=0, problem="tv"):
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     warnings.simplefilter("ignore", RuntimeWarning)  # caps are flagged in the History instead
-    inner, outer = TVDenoising(), MSEToTarget()
+    inner_cls, THETA0, BOUNDS = PROBLEMS[problem]
+    inner, outer = inner_cls(), MSEToTarget()
     batch = denoising_batch(images, size, sigma, seed=seed, dtype=DTYPE)
     theta0 = _theta(THETA0)
     x0 = inner.init(theta0, batch)
@@ -119,7 +133,7 @@ def run(images=16, size=64, sigma=0.1, iters=60, max_cost=3000, unroll=30, seed=
         print(f"  {name:16s} {len(history):3d} it  cost {last['cost']:6d}  "
               f"loss {last['upper_loss']:.6g}  {runs[name]['wall_seconds']:6.1f} s", flush=True)
 
-    print(f"TV denoising, {images} images {size}x{size}, sigma={sigma}, float64, eps0={eps0:.3g}")
+    print(f"{problem.upper()} denoising, {images} images {size}x{size}, sigma={sigma}, float64, eps0={eps0:.3g}")
     timed("MAID", lambda: (lambda r: (r.history, r.message))(
         MAID(inner, outer, max_iter=iters, max_cost=max_cost, bounds=BOUNDS,
              inner_method=INNER_METHOD, inner_max_iter=INNER_MAX_ITER).run(theta0, batch)))
@@ -170,7 +184,9 @@ def run(images=16, size=64, sigma=0.1, iters=60, max_cost=3000, unroll=30, seed=
         reach = first_reach(runs["MAID"]["history"].column("cost"), runs["MAID"]["true_loss"], lvl)
         per_variant[n] = None if reach is None else reach / next(
             x["cost"] for x in summary if x["method"] == n)
-    return dict(config=dict(images=images, size=size, sigma=sigma, dtype="float64", theta0=THETA0,
+    return dict(config=dict(problem=problem, images=images, size=size, sigma=sigma, dtype="float64",
+                            theta0=THETA0, n_hyperparameters=sum(len(v) if isinstance(v, list) else 1
+                                                                 for v in THETA0.values()),
                             bounds={"lower": BOUNDS.lower}, inner_method=INNER_METHOD, iters=iters,
                             max_cost=max_cost, unroll=unroll, eps0=eps0, seed=seed,
                             threads=torch.get_num_threads()),
@@ -210,7 +226,7 @@ def plot(result, path):
     axes[0].legend(fontsize=8)
     c = result["config"]
     ratio = result["ratio_maid_cost_to_target_over_best_hoag_cost"]
-    fig.suptitle(f"TV denoising parameters, {c['images']}×{c['size']}², σ={c['sigma']} (dotted: "
+    fig.suptitle(f"{c['problem'].upper()} denoising ({c['n_hyperparameters']} hyperparameters), {c['images']}×{c['size']}², σ={c['sigma']} (dotted: "
                  f"{result['best_hoag']}'s final loss) — MAID cost to reach it / its cost = "
                  f"{'not reached' if ratio is None else f'{ratio:.2f}'}", fontsize=10)
     fig.tight_layout()
@@ -220,11 +236,11 @@ def plot(result, path):
 
 def table(result):
     lines = [f"{'method':16s} {'iters':>5s} {'cost':>7s} {'cost→target':>11s} {'seconds':>8s} "
-             f"{'final true loss':>15s}  θ (log_weight, log_smoothing)"]
+             f"{'final true loss':>15s}  θ"]
     for s in result["summary"]:
         reach = "—" if s["cost_to_target"] is None else str(s["cost_to_target"])
         lines.append(f"{s['method']:16s} {s['iterations']:5d} {s['cost']:7d} {reach:>11s} {s['seconds']:8.2f} "
-                     f"{s['final_true_loss']:15.8g}  ({s['theta']['log_weight']:.3f}, {s['theta']['log_smoothing']:.3f})")
+                     f"{s['final_true_loss']:15.8g}  {_theta_text(s['theta'])}")
     r = result["ratio_maid_cost_to_target_over_best_hoag_cost"]
     rr = result["ratio_maid_over_best_hoag_cost_to_target"]
     lines.append(f"best HOAG variant: {result['best_hoag']} (final true loss {result['target_loss']:.8g})")
@@ -242,8 +258,10 @@ def table(result):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: 4 images of 32², 12 iterations")
-    p.add_argument("--images", type=int, default=16)
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--problem", choices=sorted(PROBLEMS), default="tv",
+                   help="tv: smoothed TV (2 hyperparameters); foe: field of experts (25)")
+    p.add_argument("--images", type=int, default=None, help="default 16 (tv), 8 (foe)")
+    p.add_argument("--size", type=int, default=None, help="default 64 (tv), 32 (foe)")
     p.add_argument("--sigma", type=float, default=0.1)
     p.add_argument("--iters", type=int, default=60)
     p.add_argument("--max-cost", type=int, default=3000)
@@ -251,13 +269,15 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     a = p.parse_args(argv)
+    a.images = a.images or (16 if a.problem == "tv" else 8)
+    a.size = a.size or (64 if a.problem == "tv" else 32)
     if a.quick:
         a.images, a.size, a.iters, a.max_cost, a.unroll = 4, 32, 12, 600, 10
-    result = run(a.images, a.size, a.sigma, a.iters, a.max_cost, a.unroll, a.seed)
+    result = run(a.images, a.size, a.sigma, a.iters, a.max_cost, a.unroll, a.seed, a.problem)
     result["config"]["quick"] = a.quick
     print(table(result))
     os.makedirs(a.out, exist_ok=True)
-    stem = "bilevel_efficiency_quick" if a.quick else "bilevel_efficiency"
+    stem = "bilevel_efficiency" + ("" if a.problem == "tv" else f"_{a.problem}") + ("_quick" if a.quick else "")
     with open(os.path.join(a.out, stem + ".json"), "w") as f:
         json.dump(result, f, indent=1, default=float)
     plot(result, os.path.join(a.out, stem + ".png"))

@@ -65,6 +65,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from . import distributed as dist_
 from .hypergrad import outer_gradients
 from .implicit import implicit_vjp, relative_cg_tolerance
 from .linalg import HessianOperator, batch_norm
@@ -155,7 +156,7 @@ def _mixed_gram_norm(inner: InnerProblem, x: Tensor, theta: Theta, batch: Any, c
                 (c,) = torch.autograd.grad(s[j], u, retain_graph=True, allow_unused=True)
                 cols.append(torch.zeros_like(x) if c is None else c)
             C = torch.stack([c.reshape(-1) for c in cols], 1).double()
-            gram = C.T @ C
+            gram = dist_.all_reduce(C.T @ C)  # BᵀB = Σ_r B_rᵀB_r over the ranks' shards
             lam = float(torch.linalg.eigvalsh(gram).max().clamp_min(0))
             return math.sqrt(lam), d
         # power iteration on BᵀB: Bv = ∇_u ⟨s(u), v⟩, Bᵀw = s(w) (the mixed VJP at w)
@@ -164,7 +165,7 @@ def _mixed_gram_norm(inner: InnerProblem, x: Tensor, theta: Theta, batch: Any, c
         lam = 0.0
         for _ in range(power_steps):
             (bv,) = torch.autograd.grad(s, u, v, retain_graph=True)
-            w = _flat(H.mixed_vjp(bv.detach()), names)
+            w = dist_.all_reduce(_flat(H.mixed_vjp(bv.detach()), names))
             nw = float(w.norm())
             if nw == 0:
                 return 0.0, 2 * power_steps
@@ -265,6 +266,15 @@ class AdaptiveInexact(HypergradientEstimator):
         self._est = {}
         self._since_probe = 0
 
+    def warm_state(self) -> Dict[str, Any]:
+        """CG's last ``q`` and the running Lipschitz estimates (checkpointed by the outer loops)."""
+        return {"q": self._q, "lipschitz": dict(self._est), "since_probe": self._since_probe}
+
+    def load_warm_state(self, state: Mapping[str, Any]) -> None:
+        self._q = state.get("q")
+        self._est = {k: float(v) for k, v in dict(state.get("lipschitz") or {}).items()}
+        self._since_probe = int(state.get("since_probe", 0))
+
     @property
     def lipschitz_estimates(self) -> Dict[str, float]:
         """Running maxima of the secant estimates (before ``safety``), by name."""
@@ -287,7 +297,8 @@ class AdaptiveInexact(HypergradientEstimator):
         return any(k not in self.fixed and k not in self._est for k in LIPSCHITZ_KEYS)
 
     def _mu(self, inner, theta, batch) -> float:
-        return resolve_strong_convexity(inner, theta, batch, self.mu, who=type(self).__name__)
+        mu = resolve_strong_convexity(inner, theta, batch, self.mu, who=type(self).__name__)
+        return dist_.all_reduce(mu, "min")  # valid for every shard
 
     # ------------------------------------------------------------------------------------------
     def loss_error_bound(self, inner: InnerProblem, outer: OuterLoss, theta: Theta, batch: Any,
@@ -302,15 +313,17 @@ class AdaptiveInexact(HypergradientEstimator):
         x = x.detach()
         rv = inner.grad(x, theta, batch)
         r = batch_norm(rv).double()
-        e_bar = float(r.norm()) / mu
         loss, gx, _, _ = outer_gradients(outer, x, theta, batch)
-        first = float((batch_norm(gx).double() * r).sum()) / mu
+        loss, r_sq, first = dist_.all_reduce_floats(
+            [float(loss), float(r.pow(2).sum()), float((batch_norm(gx).double() * r).sum()) / mu])
+        e_bar = math.sqrt(r_sq) / mu
         if "outer_x" not in self.fixed and "outer_x" not in self._est:
             step = self._probe_step(x, rv, r, mu)
             _, gxp, _, _ = outer_gradients(outer, x - step, theta, batch)
-            self._update("outer_x", float((gxp - gx).double().norm())
-                         / max(float(step.double().norm()), 1e-300))
-        return float(loss), first + 0.5 * self.lipschitz("outer_x") * e_bar ** 2
+            num, den = dist_.all_reduce_floats([float((gxp - gx).double().pow(2).sum()),
+                                                float(step.double().pow(2).sum())])
+            self._update("outer_x", math.sqrt(num) / max(math.sqrt(den), 1e-300))
+        return loss, first + 0.5 * self.lipschitz("outer_x") * e_bar ** 2
 
     @staticmethod
     def _probe_step(x: Tensor, rv: Tensor, r: Tensor, mu: float) -> Tensor:
@@ -334,31 +347,38 @@ class AdaptiveInexact(HypergradientEstimator):
         step = self._probe_step(x, rv, r, mu)
         xp = x - step
         dxn = batch_norm(step).double()
-        dx_all = max(float(dxn.norm()), 1e-300)
         _, gxp, gthp, _ = outer_gradients(outer, xp, theta, batch)
-        self._update("outer_x", float((gxp - gx).double().norm()) / dx_all)
-        dth = math.sqrt(sum(float((gthp[k] - gth[k]).double().pow(2).sum()) for k in names))
-        self._update("outer_theta", dth / dx_all)
         qn = batch_norm(q).double()
         ok = qn > 0
-        if not bool(ok.any()):
+        # θ-gradients and mixed products are sums over the ranks' shards: reduce the differences
+        dgth, (dx_sq, dgx_sq, any_q) = dist_.all_reduce_dict(
+            {k: gthp[k] - gth[k] for k in names}, "sum",
+            extra=[float(dxn.pow(2).sum()), float((gxp - gx).double().pow(2).sum()), float(ok.any())])
+        dx_all = max(math.sqrt(dx_sq), 1e-300)
+        self._update("outer_x", math.sqrt(dgx_sq) / dx_all)
+        dth = math.sqrt(sum(float(dgth[k].double().pow(2).sum()) for k in names))
+        self._update("outer_theta", dth / dx_all)
+        if not any_q:
             return 0
         Hp = HessianOperator(inner, xp, theta, batch, mode=self.hessian)
         dA = batch_norm(Hp.hvp(q) - H.hvp(q)).double()
-        self._update("hessian", float((dA[ok] / (dxn[ok] * qn[ok])).max()))
+        ratio = float((dA[ok] / (dxn[ok] * qn[ok])).max()) if bool(ok.any()) else 0.0
+        self._update("hessian", dist_.all_reduce(ratio, "max"))
         mixed_p = Hp.mixed_vjp(q)
-        dB = math.sqrt(sum(float((mixed_p[k] - mixed[k]).double().pow(2).sum()) for k in names))
-        self._update("mixed", dB / max(float((dxn * qn).sum()), 1e-300))
+        dmix, (den,) = dist_.all_reduce_dict({k: mixed_p[k] - mixed[k] for k in names}, "sum",
+                                             extra=[float((dxn * qn).sum())])
+        dB = math.sqrt(sum(float(dmix[k].double().pow(2).sum()) for k in names))
+        self._update("mixed", dB / max(den, 1e-300))
         return 3
 
     def _dwr_bound(self, r: Tensor, rv: Tensor, q: Tensor, rho: Tensor, mu: float) -> float:
         e = r / mu
-        e_bar = float(e.norm())
         L_A, L_l = self.lipschitz("hessian"), self.lipschitz("outer_x")
         qn = batch_norm(q).double()
-        lead = abs(float((q.double() * rv.double()).sum()))
-        rest = float((r * (rho / mu + L_A * e / (2 * mu) * (qn + rho / mu))).sum())
-        return lead + rest + 0.5 * L_l * e_bar ** 2
+        e_sq, lead, rest = dist_.all_reduce_floats([
+            float(e.pow(2).sum()), float((q.double() * rv.double()).sum()),
+            float((r * (rho / mu + L_A * e / (2 * mu) * (qn + rho / mu))).sum())])
+        return abs(lead) + rest + 0.5 * L_l * e_sq
 
     def __call__(self, inner: InnerProblem, outer: OuterLoss, theta: Theta, batch: Any,
                  x: Tensor, tol: float, relative: bool = False,
@@ -385,13 +405,15 @@ class AdaptiveInexact(HypergradientEstimator):
             pending = None
         rho = cg.residual.detach().double()
         bound = ErrorBound(loss=self._dwr_bound(r, rv, q, rho, mu), mu=mu,
-                           x_error=float((r / mu).norm()), inner_residual=r, cg_residual=rho,
+                           x_error=dist_.global_norm(float((r / mu).pow(2).sum())),
+                           inner_residual=r, cg_residual=rho,
                            outer_x_grad_norm=batch_norm(gx).double(), products=products,
                            hessian_closed=H.closed, pending=pending)
         hg = Hypergradient(loss=float(loss), theta_grad=res.grad, param_grads=gp,
                            cg_iterations=cg.max_iterations + products, cg_converged=cg.all_converged,
                            error_bound=None, bound=bound, adjoint=q,
                            info={"cg_iterations_per_sample": cg.iterations, "hvp_count": H.n_hvp})
+        dist_.reduce_hypergradient(hg)
         if error_bound:
             self.complete(inner, theta, batch, x, hg)
         return hg
@@ -432,14 +454,16 @@ class AdaptiveInexact(HypergradientEstimator):
         """The summands of ``ω`` (module docstring) from the record ``b`` and ``‖B‖``."""
         mu = b.mu
         e = b.inner_residual / mu
-        e_bar = float(e.norm())
+        e_bar = b.x_error  # ‖(r_b/μ)_b‖ over all samples (all ranks)
         L_l, L_lt = self.lipschitz("outer_x"), self.lipschitz("outer_theta")
         L_A, L_B = self.lipschitz("hessian"), self.lipschitz("mixed")
         Q = (b.outer_x_grad_norm + L_l * e_bar) / mu
+        rho_sq, eq_sq, eq_sum = dist_.all_reduce_floats(
+            [float(b.cg_residual.pow(2).sum()), float((e * Q).pow(2).sum()), float((e * Q).sum())])
         return {
             "outer_theta": L_lt * e_bar,
-            "cg": B_norm * float(b.cg_residual.norm()) / mu,
+            "cg": B_norm * math.sqrt(rho_sq) / mu,
             "outer_x": B_norm * L_l * e_bar / mu,
-            "hessian": B_norm * L_A * float((e * Q).norm()) / mu,
-            "mixed": L_B * float((e * Q).sum()),
+            "hessian": B_norm * L_A * math.sqrt(eq_sq) / mu,
+            "mixed": L_B * eq_sum,
         }

@@ -43,6 +43,7 @@ from typing import Any, Callable, Dict, Optional, Union
 import torch
 from torch import Tensor
 
+from . import distributed as dist_
 from .history import tolerance_schedule
 from .hypergrad import ImplicitCG
 from .linalg import NonPositiveCurvatureError, batch_norm
@@ -149,9 +150,9 @@ class HOAG(OuterLoop):
 
     def _start(self, theta: Theta, batch: Any, x0: Optional[Tensor]) -> HOAGState:
         x_init = self.inner.init(theta, batch)
-        ref = float(batch_norm(self.inner.grad(x_init, theta, batch)).max())
+        ref = dist_.all_reduce(float(batch_norm(self.inner.grad(x_init, theta, batch)).max()), "max")
         if not (math.isfinite(ref) and ref > 0):  # x⁰ is already optimal: scale by ‖x⁰‖ instead
-            ref = float(batch_norm(x_init).max()) or 1.0
+            ref = dist_.all_reduce(float(batch_norm(x_init).max()), "max") or 1.0
         return HOAGState(theta=theta, x=None if x0 is None else x0.detach().clone(),
                          inner_ref=ref, step=self.step_size)
 
@@ -201,8 +202,9 @@ class HOAG(OuterLoop):
                        eps: float, dtype) -> tuple:
         """Armijo test on dual-corrected losses. Returns ``(reason or None, |correction|, g⁺)``.
 
-        ``"loss not resolved"`` (and a tighter ``tol_scale``) when the corrections are too large
-        for the test to mean anything and the accuracy can still be tightened. When the predicted
+        ``"loss not resolved"`` (and a tighter ``tol_scale``) when the outcome is within the size
+        of the corrections (``|ℓ̂⁺ − (ℓ̂_k − c₁⟨g, θ_k − θ⁺⟩)| < |⟨q, r⁺⟩| + |⟨q, r_k⟩|``), they are
+        not negligible against the predicted decrease, and the accuracy can still be tightened. When the predicted
         decrease is below round-off of ``ℓ``, the decrease is measured by the trapezoid rule
         ``ℓ(θ⁺) − ℓ(θ_k) ≈ ½⟨g_k + g⁺, θ⁺ − θ_k⟩`` (exact on quadratics) instead; ``g⁺`` is
         returned so an accepted point needs no second evaluation."""
@@ -215,8 +217,9 @@ class HOAG(OuterLoop):
         noise = unc + st.unc
         if st.q is None and sol.max_iterations == 0:  # no adjoint, and x did not move at all
             noise = math.inf
+        margin = f_hat - (st.closs - predicted)  # ≤ 0: the test passes
         floor = self._eps(dataclasses_replace(st, tol_scale=0.0), dtype)
-        if noise > 0.5 * predicted and eps > floor:
+        if abs(margin) < noise and noise > 0.1 * predicted and eps > floor:  # undecided: resolve
             st.tol_scale *= min(0.5, max(0.01, 0.25 * predicted / noise)) if noise < math.inf else 0.1
             return "loss not resolved", unc, None
         if predicted > 1e3 * 16 * _EPS * abs(st.loss):
@@ -232,9 +235,9 @@ class HOAG(OuterLoop):
                    q: Optional[Tensor]) -> tuple:
         """``(ℓ(x̃) − ⟨q, ∇ₓΦ(x̃; θ)⟩, |⟨q, ∇ₓΦ(x̃; θ)⟩|)``: the dual-weighted value of ``ℓ(x̂)``
         and the size of the correction (``(ℓ, 0)`` for estimators without an adjoint)."""
-        if q is None or q.shape != x.shape:
+        if dist_.all_reduce(q is None or q.shape != x.shape, "max"):
             return loss, 0.0
-        corr = float((q.double() * self.inner.grad(x, theta, batch).double()).sum())
+        corr = dist_.all_reduce(float((q.double() * self.inner.grad(x, theta, batch).double()).sum()))
         return loss - corr, abs(corr)
 
     def _evaluate(self, st: HOAGState, batch: Any, eps: float, solved: bool = False) -> Dict[str, Any]:

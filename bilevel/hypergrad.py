@@ -17,6 +17,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import distributed as dist_
 from .implicit import implicit_vjp, relative_cg_tolerance
 from .linalg import HessianOperator
 from .problem import (Hypergradient, HypergradientEstimator, InnerProblem, OuterLoss, Theta,
@@ -95,11 +96,12 @@ class ImplicitCG(HypergradientEstimator):
                            max_iter=self.max_iter, rtol=self.rtol)
         self._q = res.q
         cg = res.cg
-        return Hypergradient(loss=float(loss), theta_grad=res.grad, param_grads=gp,
-                             cg_iterations=cg.max_iterations, cg_converged=cg.all_converged,
-                             adjoint=res.q,
-                             info={"cg_residual": cg.residual.detach(), "hvp_count": H.n_hvp,
-                                   "cg_iterations_per_sample": cg.iterations})
+        hg = Hypergradient(loss=float(loss), theta_grad=res.grad, param_grads=gp,
+                           cg_iterations=cg.max_iterations, cg_converged=cg.all_converged,
+                           adjoint=res.q,
+                           info={"cg_residual": cg.residual.detach(), "hvp_count": H.n_hvp,
+                                 "cg_iterations_per_sample": cg.iterations})
+        return dist_.reduce_hypergradient(hg)
 
 
 class Unrolled(HypergradientEstimator):
@@ -134,7 +136,7 @@ class Unrolled(HypergradientEstimator):
             raise ValueError(f"Unrolled needs step_size, or an inner problem whose lipschitz(θ, "
                              f"batch) returns a number; {type(inner).__name__}.lipschitz "
                              f"returned None")
-        return 1.0 / float(torch.as_tensor(L).max())
+        return 1.0 / dist_.all_reduce(float(torch.as_tensor(L).max()), "max")
 
     def unroll(self, inner: InnerProblem, theta: Theta, batch: Any, x0: Tensor,
                create_graph: bool = True) -> Tensor:
@@ -167,5 +169,6 @@ class Unrolled(HypergradientEstimator):
         gth = {k: (torch.zeros_like(th[k]) if g is None else g) for k, g in zip(names, grads)}
         gp = {n: (torch.zeros_like(p) if g is None else g)
               for (n, p), g in zip(params.items(), grads[len(names):])}
-        return Hypergradient(loss=float(loss.detach()), theta_grad=gth, param_grads=gp,
-                             extra_inner_steps=self.n_steps, info={"x": xk.detach()})
+        return dist_.reduce_hypergradient(Hypergradient(
+            loss=float(loss.detach()), theta_grad=gth, param_grads=gp,
+            extra_inner_steps=self.n_steps, info={"x": xk.detach()}))

@@ -19,6 +19,7 @@ from typing import Callable, Mapping, Optional, Union
 import torch
 from torch import Tensor
 
+from . import distributed as dist_
 from .linalg import CGResult, batch_norm, batched_cg
 from .problem import Theta
 
@@ -45,6 +46,7 @@ def relative_cg_tolerance(gx: Tensor, rtol: float, floor: float = 1e-3) -> Tenso
     """
     gn = batch_norm(gx)
     top = gn.max() if gn.numel() else gn.new_zeros(())
+    top = dist_.all_reduce(top, "max")  # over all samples of a data-parallel run
     return rtol * gn.clamp_min(floor * top)
 
 

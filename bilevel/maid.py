@@ -64,6 +64,7 @@ from typing import Any, Callable, ClassVar, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import distributed as dist_
 from .adaptive import AdaptiveInexact, NotStronglyConvexError, resolve_strong_convexity
 from .hypergrad import outer_gradients
 from .linalg import NonPositiveCurvatureError, batch_norm
@@ -224,8 +225,9 @@ class MAID(OuterLoop):
         resolve_strong_convexity(self.inner, theta, batch, self.mu, who="MAID")  # fail early
         x = self.inner.init(theta, batch) if x0 is None else x0.detach().clone()
         ref = float(batch_norm(self.inner.grad(self.inner.init(theta, batch), theta, batch)).max())
+        ref = dist_.all_reduce(ref, "max")
         if not (math.isfinite(ref) and ref > 0):
-            ref = float(batch_norm(x).max()) or 1.0
+            ref = dist_.all_reduce(float(batch_norm(x).max()), "max") or 1.0
         eps = self.eps0 if self.eps0 is not None else self.eps_rel * ref
         floor = self.eps_min * ref
         return MAIDState(theta=theta, x=x, eps=max(eps, floor), eps_floor=floor,
@@ -298,7 +300,8 @@ class MAID(OuterLoop):
         st.x, st.sol_eps = st.sol.x, st.eps
         if st.delta is None:
             _, gx0, _, _ = outer_gradients(self.outer, st.x, st.theta, batch)
-            st.delta = max(self.delta_rel * float(batch_norm(gx0).max()), 1e-300)
+            gmax = dist_.all_reduce(float(batch_norm(gx0).max()), "max")
+            st.delta = max(self.delta_rel * gmax, 1e-300)
         st.hg, st.hg_delta = self._maid_evaluate(st, st.theta, batch, st.sol, True), st.delta
 
     def _certify(self, st: MAIDState, batch: Any) -> Tuple[int, bool, float]:

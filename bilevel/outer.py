@@ -22,6 +22,7 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import distributed as dist_
 from .history import History, Result, check_writable
 from .linalg import NonPositiveCurvatureError
 from .problem import (Bounds, HypergradientEstimator, InnerProblem, OuterLoss, Theta, check_theta,
@@ -100,6 +101,17 @@ def _bounds_dict(bounds: Optional[Bounds]) -> Dict[str, Dict[str, float]]:
             "upper": {k: float(v) for k, v in bounds.upper.items()}}
 
 
+class _GlobalSolve:
+    """A :class:`SolveResult` seen through the ranks: its own ``x`` (this rank's shard) with the
+    global ``max_iterations`` and ``all_converged``."""
+
+    def __init__(self, sol: SolveResult, max_iterations: int, all_converged: bool):
+        self._sol, self.max_iterations, self.all_converged = sol, max_iterations, all_converged
+
+    def __getattr__(self, name: str):
+        return getattr(self._sol, name)
+
+
 class OuterLoop:
     """Base of the outer loops (see the module docstring). Not used directly."""
 
@@ -149,7 +161,31 @@ class OuterLoop:
         problem (``Result.load(checkpoint)``); the run continues where it stopped, up to
         ``max_iter`` iterations in all, with its state, History, the outer loss' trainable
         parameters and the optimizer's state.
+
+        Data parallel: when a ``torch.distributed`` default group with more than one rank is
+        initialised, ``batch`` is this rank's shard and the run is data parallel
+        (:mod:`bilevel.distributed`: the loss is ``Σ_r w_r ℓ_r``, ``w_r = n_r/N`` unless
+        ``outer.reduction == "sum"``); θ0 must be the same on every rank, the checkpoint is
+        one file per rank (``<checkpoint>.rank<r>``) and resumes with the same world size, and
+        ``Result.x`` holds this rank's shard of the inner solutions.
         """
+        if not dist_.group_ready() or not isinstance(theta0, dict):  # (a non-dict: TypeError)
+            return self._run(theta0, batch, x0, resume)
+        with dist_.data_parallel():
+            dist_.check_same(sorted(theta0), "theta0's names")
+            dist_.check_same({k: torch.as_tensor(v).detach().cpu().double().reshape(-1).tolist()
+                              for k, v in theta0.items()}, "theta0's values")
+            theta = check_theta(theta0, self.inner.theta_names)
+            n_local = (self.inner.init(theta, batch) if x0 is None else x0).shape[0]
+            weight = dist_.shard_weight(n_local, getattr(self.outer, "reduction", "mean"))
+            user_outer, self.outer = self.outer, dist_.ShardWeightedLoss(self.outer, weight)
+            try:
+                return self._run(theta0, batch, x0, resume)
+            finally:
+                self.outer = user_outer
+
+    def _run(self, theta0: Theta, batch: Any, x0: Optional[Tensor],
+             resume: Optional[Result]) -> Result:
         theta = self._check_start(theta0, batch, x0)
         if resume is not None:
             st = self._restore(resume, theta, batch)
@@ -175,7 +211,7 @@ class OuterLoop:
                 if st.message is None and self.callback is not None and self.callback(record, st.theta):
                     st.message = "stopped by callback"
                 if self.checkpoint is not None:
-                    self._result(st, history, batch).save(self.checkpoint)
+                    self._result(st, history, batch).save(self._checkpoint_path())
         finally:
             if bar is not None:
                 bar.close()
@@ -183,7 +219,7 @@ class OuterLoop:
             st.message = f"maximum number of outer iterations ({self.max_iter}) reached"
         result = self._result(st, history, batch)
         if self.checkpoint is not None:
-            result.save(self.checkpoint)
+            result.save(self._checkpoint_path())
         if not st.success and not st.message.startswith(("maximum number", "stopped by callback")):
             warnings.warn(f"{self.name} did not succeed: {st.message}", RuntimeWarning)
         return result
@@ -200,6 +236,12 @@ class OuterLoop:
         validate_inner(self.inner, theta, batch, x)
         return theta
 
+    def _checkpoint_path(self) -> str:
+        """``checkpoint``, or ``<checkpoint>.rank<r>`` in a data-parallel run (one per rank)."""
+        if not dist_.is_active():
+            return self.checkpoint
+        return f"{self.checkpoint}.rank{dist_.rank()}"
+
     def _warn_once(self, st: LoopState, key: str, message: str) -> None:
         if key not in st.warned:
             st.warned.append(key)
@@ -213,14 +255,42 @@ class OuterLoop:
         try:
             sol = solve_inner(self.inner, theta, batch, tol, x0=x_start, method=self.inner_method,
                               max_iter=cap)
+            failure = None
         except (NonPositiveCurvatureError, FloatingPointError) as exc:
-            return None, f"inner solve failed: {exc}"
+            sol, failure = None, f"inner solve failed: {exc}"
+        if dist_.is_active():  # one verdict for all ranks (sol is then global in its counts)
+            return self._solve_global(st, sol, failure, tol)
+        if sol is None:
+            return None, failure
         st.cost += sol.max_iterations
         if not (bool(torch.isfinite(sol.x).all()) and bool(torch.isfinite(sol.grad_norm).all())):
             return sol, "inner solve produced non-finite values"
         if not sol.all_converged:
             return sol, (f"inner solve hit its iteration cap before tolerance {tol:.2e} "
                          f"(max ‖∇Φ‖ = {float(sol.grad_norm.max()):.2e})")
+        return sol, None
+
+    def _solve_global(self, st: LoopState, sol: Optional[SolveResult], failure: Optional[str],
+                      tol: float) -> Tuple[Optional[SolveResult], Optional[str]]:
+        """``_solve``'s verdict agreed over the ranks (one all-reduce): any rank failing fails
+        all; ``sol`` gets the global ``max_iterations``/``all_converged`` (as a shallow copy)."""
+        if sol is None:
+            local = [1.0, 0.0, 0.0, 0.0, 1.0]
+        else:
+            finite = bool(torch.isfinite(sol.x).all()) and bool(torch.isfinite(sol.grad_norm).all())
+            gmax = float(sol.grad_norm.max()) if sol.grad_norm.numel() else 0.0
+            local = [0.0, 0.0 if finite else 1.0, float(sol.max_iterations),
+                     gmax if math.isfinite(gmax) else math.inf, 0.0 if sol.all_converged else 1.0]
+        failed, nonfinite, its, gmax, unconverged = dist_.all_reduce_floats(local, "max")
+        if failed:
+            return None, failure or "inner solve failed on another rank"
+        sol = _GlobalSolve(sol, int(its), unconverged == 0.0)
+        st.cost += sol.max_iterations
+        if nonfinite:
+            return sol, "inner solve produced non-finite values"
+        if not sol.all_converged:
+            return sol, (f"inner solve hit its iteration cap before tolerance {tol:.2e} "
+                         f"(max ‖∇Φ‖ = {gmax:.2e})")
         return sol, None
 
     def _upper_loss(self, x: Tensor, theta: Theta, batch: Any) -> float:
@@ -230,7 +300,7 @@ class OuterLoop:
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
             raise ValueError(f"outer loss must return a scalar tensor, got {shape}")
-        return float(loss)
+        return dist_.all_reduce(float(loss), "sum")
 
     def _note_accepted(self, st: LoopState, loss: float) -> None:
         """Keep ``st.theta`` as the best iterate when its upper loss is the lowest so far."""
@@ -251,7 +321,7 @@ class OuterLoop:
         return True
 
     def _progress_bar(self, start: int):
-        if not self.progress:
+        if not self.progress or dist_.rank() != 0:
             return None
         from tqdm.auto import tqdm
         return tqdm(total=self.max_iter, initial=start, desc=self.name, unit="it")
@@ -266,6 +336,7 @@ class OuterLoop:
                  "estimator": self.estimator.warm_state(),
                  "optimizer": None if self.param_optimizer is None else self.param_optimizer.state_dict(),
                  "fingerprint": batch_fingerprint(batch), "theta_names": sorted(st.theta),
+                 "world_size": dist_.world_size() if dist_.is_active() else 1,
                  "bounds": _bounds_dict(self.bounds)}
         clone = lambda d: None if d is None else {n: v.detach().clone() for n, v in d.items()}  # noqa: E731
         return Result(theta=clone(st.theta), x=st.x, history=history, success=st.success,
@@ -280,6 +351,12 @@ class OuterLoop:
         if not saved or saved.get("method") != self.name:
             found = saved.get("method") if saved else None
             raise ValueError(f"resume must be the Result of a {self.name} run, got one of {found!r}")
+        world = dist_.world_size() if dist_.is_active() else 1
+        if saved.get("world_size", 1) != world:
+            raise ValueError(f"resume: the checkpoint was written by a data-parallel run with world "
+                             f"size {saved.get('world_size', 1)}, this run has {world}; resume "
+                             f"with {saved.get('world_size', 1)} processes (the inner solutions "
+                             f"and CG warm starts are per-rank shards)")
         if saved["theta_names"] != sorted(theta):
             raise ValueError(f"resume: the checkpoint's theta names {saved['theta_names']} differ "
                              f"from theta0's {sorted(theta)}")

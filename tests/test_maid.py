@@ -281,3 +281,23 @@ def test_bad_arguments_name_themselves():
         MAID(inner, outer, mu=1.0).run(dict(theta, lam=torch.tensor(1.0)), batch)
     with pytest.raises(ValueError, match=r"tol must be a finite positive number, got -1"):
         AdaptiveInexact(mu=1.0)(inner, outer, theta, batch, y.clone(), tol=-1)
+
+
+def test_interrupted_maid_run_resumes_from_its_checkpoint(tmp_path):
+    from bilevel import Result
+
+    c = 0.6
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(3, 1, 6, 6, generator=g, dtype=DT)
+    batch = {"y": y, "target": c * y}
+    theta0 = {"log_reg": torch.tensor(2.0, dtype=DT)}
+    full = MAID(ShrinkageInner(), ScaledTargetOuter(), mu=2 / 36).run(theta0, batch)
+    path = str(tmp_path / "maid.pt")
+    first = MAID(ShrinkageInner(), ScaledTargetOuter(), mu=2 / 36, checkpoint=path,
+                 callback=lambda rec, th: rec["iteration"] == 2).run(theta0, batch)
+    assert first.message == "stopped by callback" and len(first.history) == 3
+    resumed = MAID(ShrinkageInner(), ScaledTargetOuter(), mu=2 / 36).run(theta0, batch,
+                                                                         resume=Result.load(path))
+    assert resumed.success and resumed.history.column("iteration")[:3] == [0, 1, 2]
+    assert float(resumed.theta["log_reg"]) == pytest.approx(float(full.theta["log_reg"]), abs=1e-6)
+    assert float(resumed.theta["log_reg"]) == pytest.approx(math.log(1 / c - 1), abs=1e-5)

@@ -5,6 +5,7 @@ r"""Command line of the unrolled-reconstruction experiments (``python -m recon.t
     python -m recon.train train --model lpd --image-size 64 --n-angles 30 --out runs/lpd
     python -m recon.train train --model lpd ... --out runs/lpd --resume   # same settings only
     python -m recon.train evaluate runs/lpd/best.pt runs/lspd/best.pt --out runs/table
+    torchrun --nproc_per_node 4 -m recon.train train --model lpd ... --out runs/lpd  # DDP
 
 ``train`` builds the geometry, the ellipse-phantom data (sparse view, optional Poisson noise)
 and the model (:mod:`recon.training.experiment`) and runs :func:`recon.training.fit`;
@@ -128,8 +129,11 @@ def train_from_args(args: argparse.Namespace) -> TrainResult:
     """Run ``python -m recon.train train`` with parsed ``args``; returns the :class:`TrainResult`."""
     from ..models import build_model
 
+    from . import parallel
+
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.device = parallel.init_from_env(args.device)  # under torchrun: join the group
     out = Path(args.out or f"runs/{args.model}")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file; checkpoints need a folder")
@@ -206,7 +210,15 @@ def main(argv: Sequence[str] | None = None) -> Any:
     args = parser.parse_args(argv)
     if args.command == "evaluate":
         return run_evaluate(args)
-    result = train_from_args(args)
+    from . import parallel
+
+    try:
+        result = train_from_args(args)
+    finally:
+        is_main = parallel.is_main()
+        parallel.shutdown()
+    if not is_main:  # under torchrun only rank 0 reports
+        return result
     for record in result.history:
         print(f"epoch {int(record['epoch']):3d}  step {int(record['step']):6d}  "
               f"train loss {record['train_loss']:.3e}  val PSNR {record['val_psnr']:.2f} dB  "

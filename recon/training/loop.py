@@ -16,6 +16,11 @@ random state, history, settings) to ``last.pt``, both atomically (:mod:`recon.io
 run exactly (the order of the training samples in epoch ``e`` is a fixed function of
 ``(seed, e)``); it refuses to continue with settings other than the saved ones
 (:class:`ResumeMismatchError` lists the differences).
+
+Under ``torchrun`` the loop is data parallel (:mod:`recon.training.parallel`): the same global
+batches split over the ranks, DistributedDataParallel gradients of the global mean, metrics
+all-reduced, rank 0 writing the checkpoints and showing the progress bar; a run resumes with
+any world size.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import save_checkpoint
+from . import parallel
 from .experiment import TensorData
 from .state import ResumeMismatchError, restore, settings_differences, training_state
 
@@ -149,12 +155,20 @@ def validate(model: nn.Module, data: TensorData, batch_size: int = 16,
     was_training = model.training
     model.eval()
     values = []
-    for start in range(0, len(data["sinogram"]), batch_size):
-        idx = slice(start, start + batch_size)
+    mine = torch.arange(len(data["sinogram"]))  # under DDP: every world-th sample from rank
+    if parallel.bdist.group_ready():
+        mine = mine[parallel.bdist.rank()::parallel.bdist.world_size()]
+    for start in range(0, len(mine), batch_size):
+        idx = mine[start:start + batch_size]
         image = data["image"][idx].to(device)
         values.append(psnr(_forward(model, data, idx, device, x0_key), image).cpu())
     model.train(was_training)
-    return float(torch.cat(values).mean())
+    local = torch.cat(values) if values else torch.zeros(0)
+    if not parallel.bdist.group_ready():
+        return float(local.mean())
+    with parallel.bdist.data_parallel():
+        total, count = parallel.bdist.all_reduce_floats([float(local.sum()), len(local)])
+    return total / count
 
 
 def _check_data(data: Any, name: str, x0_key: str | None, validation: bool = False) -> None:
@@ -246,14 +260,16 @@ def fit(model: nn.Module, train_data: TensorData, val_data: TensorData | None = 
             raise ValueError("`resume`=True needs `out_dir` (the folder of last.pt)")
         epoch_losses = restore(last_path, model, optimizer, scheduler, result, total_steps,
                                 config, meta)
+    net = parallel.wrap_model(model, device)  # DDP under torchrun, else the model itself
 
     def save_last() -> None:
-        if last_path is not None:
+        if last_path is not None and parallel.is_main():
             save_checkpoint(training_state(model, optimizer, scheduler, result, total_steps,
                                            config, meta, epoch_losses), last_path)
 
     stop = total_steps if max_steps is None else min(total_steps, max_steps)
-    bar = tqdm(total=stop, initial=result.step, disable=not config.progress, unit="step",
+    bar = tqdm(total=stop, initial=result.step, unit="step",
+               disable=not (config.progress and parallel.is_main()),
                dynamic_ncols=True, desc="train")
     model.train()
     running, epoch_start = None, time.perf_counter()
@@ -262,7 +278,7 @@ def fit(model: nn.Module, train_data: TensorData, val_data: TensorData | None = 
         order = _epoch_order(n, config.seed, epoch)
         for b in range(offset, steps_per_epoch):
             idx = order[b * config.batch_size:(b + 1) * config.batch_size]
-            loss = _train_step(model, optimizer, train_data, idx, device, config)
+            loss = _train_step(net, optimizer, train_data, idx, device, config)
             scheduler.step()
             result.step += 1
             epoch_losses.append(loss)
@@ -284,6 +300,7 @@ def fit(model: nn.Module, train_data: TensorData, val_data: TensorData | None = 
             epoch_losses, epoch_start = [], time.perf_counter()
         save_last()
     bar.close()
+    parallel.barrier()  # every rank returns once rank 0's checkpoints are on disk
     return result
 
 
@@ -305,16 +322,20 @@ def _forward(model, data, idx, device, x0_key):
 
 
 def _train_step(model, optimizer, data, idx, device, config) -> float:
+    """One step on the global batch ``idx``; returns its mean loss (all-reduced under DDP)."""
+    idx, weight = parallel.local_batch(idx)
     image = data["image"][idx].to(device, non_blocking=True)
     optimizer.zero_grad(set_to_none=True)
     loss = F.mse_loss(_forward(model, data, idx, device, config.x0_key), image)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"training loss is {loss.item()} (lr too large?)")
-    loss.backward()
+    value = parallel.global_loss(float(loss.detach()), weight)
+    if not math.isfinite(value):
+        raise FloatingPointError(f"training loss is {value} (lr too large?)")
+    scale = parallel.backward_scale(weight)
+    (loss if scale == 1.0 else loss * scale).backward()
     if config.clip_grad_norm is not None:
         nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
     optimizer.step()
-    return float(loss.detach())
+    return value
 
 
 def _check_fit_inputs(config, train_data, val_data, max_steps) -> None:
@@ -337,7 +358,7 @@ def _end_of_epoch(model, val_data, config, result, losses, optimizer, seconds, m
     result.history.append(record)
     if record["val_psnr"] >= result.best_val_psnr or val_data is None:
         result.best_val_psnr, result.best_epoch = record["val_psnr"], result.epoch
-        if result.best_path is not None:
+        if result.best_path is not None and parallel.is_main():
             save_checkpoint({"model": model.state_dict(), "epoch": result.epoch,
                              "step": result.step, "val_psnr": record["val_psnr"],
                              "metadata": meta}, result.best_path)

@@ -1,0 +1,93 @@
+"""Device check of the data-parallel code on CUDA tensors: 2 processes sharing one GPU (gloo
+moves the reductions through host memory) against 1 process, for HOAG, MAID and DDP training.
+
+    python benchmarks/distributed_cuda_check.py      # prints one line per job, writes JSON
+
+One GPU cannot host two NCCL ranks, so this checks the device handling (tensors on CUDA, DDP
+with ``device_ids``), not NCCL speed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+import _distributed_worker as W  # noqa: E402
+from bilevel.distributed import shard_batch  # noqa: E402
+
+
+def cuda_problem():
+    batch, theta0 = W.tv_problem(n=6, size=32)
+    return ({k: v.cuda() for k, v in batch.items()}, {k: v.cuda() for k, v in theta0.items()})
+
+
+def bilevel(method: str) -> list:
+    batch, theta0 = cuda_problem()
+    if torch.distributed.is_initialized():
+        batch = shard_batch(batch)
+    return W.trajectory(W.make_solver(method).run(theta0, batch))
+
+
+def training() -> list:
+    from recon.train import TrainConfig, fit
+    model, train, val = W.fit_setup()
+    config = TrainConfig(epochs=2, batch_size=3, lr=1e-3, progress=False, seed=1, device="cuda")
+    result = fit(model, train, val, config)
+    return [[r["train_loss"], r["val_psnr"]] for r in result.history]
+
+
+def guarded(fn, *args):
+    """``fn(*args)``, or the error as a string (so one failing job does not hide the others)."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # reported in the table
+        return f"{type(exc).__name__}: {exc}"[:300]
+
+
+def worker(rank, world, store, out):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                                         world_size=world)
+    rows = {m: guarded(bilevel, m) for m in ("HOAG", "MAID")}
+    rows["DDP training"] = guarded(training)
+    torch.distributed.destroy_process_group()
+    if rank == 0:
+        torch.save(rows, os.path.join(out, "two.pt"))
+
+
+def main():
+    t0 = time.perf_counter()
+    one = {m: guarded(bilevel, m) for m in ("HOAG", "MAID")}
+    one["DDP training"] = guarded(training)
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(worker, args=(2, os.path.join(tmp, "store"), tmp), nprocs=2,
+                           start_method="spawn")
+        two = torch.load(os.path.join(tmp, "two.pt"), weights_only=True)
+    report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+              "seconds": time.perf_counter() - t0}
+    for job in one:
+        if isinstance(one[job], str) or isinstance(two[job], str):
+            report[job] = {"error_1_process": one[job] if isinstance(one[job], str) else None,
+                           "error_2_processes": two[job] if isinstance(two[job], str) else None}
+            print(job, report[job])
+            continue
+        a = torch.tensor(one[job], dtype=torch.float64)
+        b = torch.tensor(two[job], dtype=torch.float64)
+        diff = float((a - b).abs().max()) if a.shape == b.shape else float("inf")
+        report[job] = {"records": len(one[job]), "max_diff_2_vs_1_process": diff}
+        print(f"{job:<13} records {len(one[job]):3d}  max |2 procs - 1 proc| = {diff:.2e}")
+    out = os.environ.get("OUT", os.path.join(ROOT, "benchmarks", "results"))
+    with open(os.path.join(out, "distributed_cuda_check.json"), "w") as fh:
+        json.dump(report, fh, indent=2)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
