@@ -26,6 +26,7 @@ API = [("bilevel", "bilevel"), ("recon.operators", "recon-operators"),
        ("recon.data", "recon-data"), ("recon.models", "recon-models"),
        ("recon.training", "recon-training"), ("recon.problems", "recon-problems"),
        ("recon.losses", "recon-problems"), ("recon.regularizers", "recon-problems"),
+       ("recon.experts", "recon-experts"),
        ("recon.metrics", "recon-metrics"), ("recon.io", "recon-io"),
        ("recon.checkpoint", "recon-io")]
 
