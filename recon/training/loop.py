@@ -217,8 +217,9 @@ def fit(model: nn.Module, train_data: TensorData, val_data: TensorData | None = 
 
     Args:
         model: maps ``(B, 1, n_a, n_d)`` sinograms to ``(B, 1, H, W)`` images.
-        train_data, val_data: ``{"sinogram": (N, 1, n_a, n_d), "image": (N, 1, H, W)}``
-            (see :func:`stack_dataset`).  Without ``val_data`` no validation is done and
+        train_data: ``{"sinogram": (N, 1, n_a, n_d), "image": (N, 1, H, W)}`` (see
+            :func:`stack_dataset`).
+        val_data: the same layout.  Without ``val_data`` no validation is done and
             ``best.pt`` is the last epoch's model.
         config: optimisation settings.
         out_dir: folder of ``best.pt`` (model weights + ``metadata``) and ``last.pt`` (full
