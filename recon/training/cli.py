@@ -73,7 +73,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``python -m recon.train train``."""
     d = default_setup()
     g = parser.add_argument_group("data and geometry")
-    g.add_argument("--dataset", choices=("ellipses", "digits"), default=d["dataset"])
+    g.add_argument("--dataset", choices=("ellipses", "anatomy", "digits"), default=d["dataset"])
     g.add_argument("--image-size", type=_POS, default=d["image_size"])
     g.add_argument("--n-angles", type=_POS, default=d["n_angles"],
                    help="parallel-beam angles in [0, pi) (sparse view: few)")
