@@ -85,19 +85,28 @@ def run_config(args, size, n_angles, batch, precision, method, channels_last, de
 
 
 def profile_methods(methods, y, autocast) -> dict:
-    """``torch.profiler`` of one pass per network: {method: {part: share of the self time}}."""
+    """``torch.profiler`` of one pass per network: {method: {part: share of the self time}}.
+
+    Convolutions and PReLUs are split by where they run: on an image grid ("primal CNN") or on
+    sinogram rows ("dual CNN"); ``_Apply`` is the ray transform (forward and adjoint)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if y.is_cuda else [])
+    n_det = y.shape[-1]
     shares = {}
     for name, fn in methods.items():
         if name == "FBP":
             continue
-        with torch.inference_mode(), autocast, profile(activities=activities) as prof:
+        with torch.inference_mode(), autocast, profile(activities=activities,
+                                                       record_shapes=True) as prof:
             fn(y)
         parts: dict[str, float] = {}
-        for event in prof.key_averages():
+        for event in prof.key_averages(group_by_input_shape=True):
             part = PROFILE_GROUPS.get(event.key, "other")
+            if part in ("convolution", "PReLU"):
+                shape = event.input_shapes[0] if event.input_shapes else []
+                space = "dual" if len(shape) == 4 and shape[-1] == n_det else "primal"
+                part = f"{space} CNN {part}"
             parts[part] = parts.get(part, 0.0) + event.self_cpu_time_total
         total = sum(parts.values()) or 1.0
         shares[name] = {k: v / total for k, v in sorted(parts.items())}

@@ -39,6 +39,14 @@ def test_family_is_richer_than_smooth_ellipses():
     assert grad(rich) > grad(plain)
 
 
+def test_zoomed_crops_reach_the_border_whole_bodies_do_not():
+    border = lambda t: float(torch.cat([t[0], t[-1], t[:, 0], t[:, -1]]).max())  # noqa: E731
+    whole = [_draw(s, 32, layouts=("abdomen",), zoom=0.0, n_vessels=0.0) for s in range(4)]
+    crops = [_draw(s, 32, layouts=("abdomen",), zoom=1.0) for s in range(4)]
+    assert all(border(t) == 0.0 for t in whole)
+    assert sum(border(t) > 0.0 for t in crops) >= 3
+
+
 def test_layouts_differ_on_average():
     means = {name: float(torch.stack([_draw(s, 32, layouts=(name,)) for s in range(4)]).mean())
              for name in ("thorax", "head")}
@@ -48,7 +56,7 @@ def test_layouts_differ_on_average():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(layouts=("knee",)), "layouts"), (dict(layouts=()), "layouts"),
     (dict(texture=-1.0), "texture"), (dict(n_lesions=float("inf")), "n_lesions"),
-    (dict(n_vessels="many"), "n_vessels"),
+    (dict(n_vessels="many"), "n_vessels"), (dict(zoom=1.5), "zoom"),
 ])
 def test_bad_options_name_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -19,7 +19,11 @@ then ``Poisson(n_lesions)`` irregular lesions (star-shaped blobs ``r(φ) = 1 + �
 cos(kφ + φ_k)``, contrast ±0.05–0.25), ``Poisson(n_vessels)`` thin curves (quadratic Bézier,
 0.5–2 pixels wide) and a multiplicative texture ``x ← x (1 + t · n)`` with ``n`` a sum of
 Gaussian-smoothed white noise at two scales (unit standard deviation) and ``t ~ U(0, texture)``.
-Finally the image is scaled by ``U(0.6, 1) / max``, so its peak value is random.
+Finally the image is scaled by ``U(0.6, 1) / max``, so its peak value is random.  With
+probability ``zoom`` the field of view is a crop: the coordinates are ``(x, y) / z + s`` with
+``z ~ U(1.3, 3)`` and shift ``s ~ U(-0.5, 0.5)²``, so the anatomy runs past the image border as in
+a clinical region of interest (a network that only saw air around the body adds border
+artefacts to such slices).
 """
 
 from __future__ import annotations
@@ -172,11 +176,13 @@ _LAYOUT_FUNCTIONS = {"thorax": _thorax, "abdomen": _abdomen, "head": _head,
 
 
 def anatomy_phantom(shape, rng: np.random.Generator, *, layouts=LAYOUTS, texture: float = 0.15,
-                    n_lesions: float = 2.0, n_vessels: float = 4.0) -> torch.Tensor:
+                    n_lesions: float = 2.0, n_vessels: float = 4.0,
+                    zoom: float = 0.4) -> torch.Tensor:
     """One anatomy-like phantom (see the module docstring), ``(H, W)`` float64 in ``[0, 1]``.
 
     ``layouts``: the layouts drawn from (uniformly); ``texture``: the largest relative texture
-    amplitude ``t``; ``n_lesions`` / ``n_vessels``: Poisson means of lesions and thin curves.
+    amplitude ``t``; ``n_lesions`` / ``n_vessels``: Poisson means of lesions and thin curves;
+    ``zoom``: probability of a zoomed-in crop (``0``: the whole body is always in view).
     """
     H, W = (int(shape), int(shape)) if np.isscalar(shape) else (int(shape[0]), int(shape[1]))
     if H < 2 or W < 2:
@@ -187,20 +193,27 @@ def anatomy_phantom(shape, rng: np.random.Generator, *, layouts=LAYOUTS, texture
     for name, value in (("texture", texture), ("n_lesions", n_lesions), ("n_vessels", n_vessels)):
         if not (isinstance(value, (int, float)) and 0 <= value < math.inf):
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    grid, img = _grid((H, W)), np.zeros((H, W))
+    if not (isinstance(zoom, (int, float)) and 0 <= zoom <= 1):
+        raise ValueError(f"zoom must be a probability in [0, 1], got {zoom!r}")
+    grid, img, z = _grid((H, W)), np.zeros((H, W)), 1.0
+    if rng.random() < zoom:
+        z, shift = rng.uniform(1.3, 3.0), rng.uniform(-0.5, 0.5, 2)
+        grid = (grid[0] / z + shift[0], grid[1] / z + shift[1])
     inside, tissue, body = _body(grid, rng, img)
     _LAYOUT_FUNCTIONS[layouts[int(rng.integers(len(layouts)))]](grid, rng, img, inside, tissue,
                                                                 body)
     support = img > 0
-    _details(grid, rng, img, support, n_lesions, n_vessels)
+    _details(grid, rng, img, support, n_lesions, n_vessels, 2.0 / (z * max(H, W)))
     img *= 1.0 + rng.uniform(0, texture) * _texture((H, W), rng) * support
     np.clip(img, 0.0, None, out=img)
     img *= rng.uniform(0.6, 1.0) / max(float(img.max()), 1e-12)
     return torch.from_numpy(img.clip(0.0, 1.0))
 
 
-def _details(grid, rng, img, support, n_lesions, n_vessels):
-    """Irregular lesions (some with a bright calcification) and thin bright curves."""
+def _details(grid, rng, img, support, n_lesions, n_vessels, pixel):
+    """Irregular lesions (some with a bright calcification) and thin bright curves.
+
+    ``pixel``: the pixel size in the (possibly zoomed) normalised coordinates."""
     rows, cols = np.nonzero(support)
     if rows.size == 0:
         return
@@ -220,5 +233,5 @@ def _details(grid, rng, img, support, n_lesions, n_vessels):
     for _ in range(int(rng.poisson(n_vessels))):
         p0 = point()
         p2 = p0 + rng.normal(0, 0.35, 2)
-        mask = _curve(grid, rng, p0, p2, rng.uniform(0.5, 2.0) * 2.0 / max(img.shape)) & support
+        mask = _curve(grid, rng, p0, p2, rng.uniform(0.5, 2.0) * pixel) & support
         img[mask] = img[mask] + rng.uniform(0.1, 0.3)

@@ -218,17 +218,17 @@ class AnatomyPhantomDataset(SimulatedCTDataset):
     """Anatomy-like phantoms (:func:`~recon.data.anatomy.anatomy_phantom`) with CT data.
 
     Sample ``i`` is drawn from ``default_rng([seed, i])``: the same seed gives the same data.
-    ``layouts``, ``texture``, ``n_lesions`` and ``n_vessels`` are passed to
+    ``layouts``, ``texture``, ``n_lesions``, ``n_vessels`` and ``zoom`` are passed to
     :func:`~recon.data.anatomy.anatomy_phantom`; ``operator`` ``None`` means parallel beam with
     60 angles; ``noise``, ``seed`` and ``**kwargs`` as in :class:`SimulatedCTDataset`.
     """
 
     def __init__(self, n_samples: int, image_size=128, operator=None, *, noise=None, seed: int = 0,
                  layouts=LAYOUTS, texture: float = 0.15, n_lesions: float = 2.0,
-                 n_vessels: float = 4.0, **kwargs):
+                 n_vessels: float = 4.0, zoom: float = 0.4, **kwargs):
         size = _size_pair(image_size)
         self.options = dict(layouts=tuple(layouts), texture=texture, n_lesions=n_lesions,
-                            n_vessels=n_vessels)
+                            n_vessels=n_vessels, zoom=zoom)
         anatomy_phantom((4, 4), np.random.default_rng(0), **self.options)  # validates options
         super().__init__(n_samples, _as_operator(operator, size), noise=noise, seed=seed, **kwargs)
         self.image_size = size
