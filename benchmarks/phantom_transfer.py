@@ -141,8 +141,10 @@ def main(argv=None) -> dict:
         results[family] = {name: evaluate(model, operator, images, args.fbp_filter)
                            for name, images in sets.items()}
     names = list(next(iter(results.values())))
+    trained = ", ".join(f"{f}: {args.checkpoint[f]}" if f in args.checkpoint
+                        else f"{f}: {args.epochs} epochs x {args.n_train}" for f in args.families)
     print(f"LPD gain over FBP ({args.fbp_filter}) in dB, {args.image_size}², {args.n_angles} "
-          f"angles, trained {args.epochs} epochs x {args.n_train} samples")
+          f"angles; trained ({trained}); cells: FBP -> LPD gain")
     print(f"{'trained on':>10} | " + " | ".join(f"{n:>22}" for n in names))
     for family, row in results.items():
         print(f"{family:>10} | " + " | ".join(

@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from recon.checkpoint import load_checkpoint  # noqa: E402
 from recon.evaluate import add_arguments, load_methods, run, time_methods  # noqa: E402
 from recon.metrics import psnr  # noqa: E402
 from recon.operators import fbp  # noqa: E402
@@ -63,6 +64,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch CPU threads (1 is fastest on a busy machine)")
     p.add_argument("--repeats", type=int, default=30, help="timed passes per method")
     p.add_argument("--out", default="runs/ct_unrolling")
+    p.add_argument("--warm-start", choices=("lpd", "none"), default="lpd",
+                   help="start LSPD and Sk-LSPD from the trained LPD's weights (same parameter "
+                        "shapes; LSPD with one subset is LPD) or from scratch")
+    p.add_argument("--finetune-epochs", type=int, default=None,
+                   help="epochs of the warm-started LSPD / Sk-LSPD (default: --epochs)")
+    p.add_argument("--train", nargs="+", choices=MODELS, default=list(MODELS),
+                   help="networks to train (the others are read from --out)")
     p.add_argument("--resume", action="store_true", help="continue interrupted trainings")
     p.add_argument("--skip-training", action="store_true", help="evaluate existing checkpoints")
     p.add_argument("--quick", action="store_true", help="tiny smoke configuration")
@@ -83,15 +91,22 @@ def best_fbp_filter(setup) -> str:
 
 
 def train_all(args, setup, out: Path) -> None:
-    """Train LPD, LSPD and Sk-LSPD (same data, same seed) into ``out/<model>/``."""
+    """Train LPD, LSPD and Sk-LSPD (same data, same seed) into ``out/<model>/``.
+
+    With ``--warm-start lpd`` LSPD and Sk-LSPD start from LPD's best weights and train for
+    ``--finetune-epochs``."""
     operator, train = build_setup(setup, "train")
     _, val = build_setup(setup, "val", operator=operator)
-    for name in MODELS:
+    for name in args.train:
         torch.manual_seed(args.seed)
         extra = {} if name == "lpd" else {"n_subsets": args.subsets}
         model = build_model(name, operator, args.preset, fbp_filter=setup["fbp_filter"],
                             zero_last=True, **extra)
-        config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        epochs = args.epochs
+        if name != "lpd" and args.warm_start == "lpd":
+            model.load_state_dict(load_checkpoint(out / "lpd" / "best.pt")["model"])
+            epochs = args.finetune_epochs or args.epochs
+        config = TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr,
                              warmup_steps=args.warmup, seed=args.seed, progress=True)
         metadata = {"model_name": name, "model_config": model.get_config(), "setup": setup}
         start = time.perf_counter()
