@@ -139,7 +139,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    setup = default_setup(image_size=args.image_size, n_angles=args.n_angles, noise=args.noise,
+    setup = default_setup(dataset="ellipses", image_size=args.image_size, n_angles=args.n_angles,
+                          noise=args.noise,
                           n_ellipses=args.n_ellipses, n_train=args.n_train, n_val=args.n_val,
                           n_test=args.n_test)
     setup["fbp_filter"] = best_fbp_filter(setup)

@@ -6,8 +6,9 @@ r"""Command line of the unrolled-reconstruction experiments (``python -m recon.t
     python -m recon.train train --model lpd ... --out runs/lpd --resume   # same settings only
     python -m recon.train evaluate runs/lpd/best.pt runs/lspd/best.pt --out runs/table
 
-``train`` builds the geometry, the ellipse-phantom data (sparse view, optional Poisson noise)
-and the model (:mod:`recon.training.experiment`) and runs :func:`recon.training.fit`;
+``train`` builds the geometry, the phantom data (anatomy-like by default, see ``--dataset``;
+sparse view, optional Poisson noise) and the model (:mod:`recon.training.experiment`) and
+runs :func:`recon.training.fit`;
 ``evaluate`` rebuilds everything from the checkpoints (:func:`recon.training.load_methods`),
 prints the table and writes ``table.json`` and ``samples.png``.  Sizes, counts and rates are
 checked when the arguments are parsed (``argparse`` exits with status 2 naming the option).

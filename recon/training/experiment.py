@@ -55,8 +55,8 @@ def check_data_matches_operator(data: TensorData, operator: Any) -> None:
 def default_setup(**overrides: Any) -> dict[str, Any]:
     """The acquisition and data settings of an experiment, as plain values.
 
-    Keys: ``dataset`` (``"ellipses"``, ``"anatomy"``: :func:`recon.data.anatomy_phantom`, or
-    ``"digits"``), ``image_size``, ``n_angles`` (parallel
+    Keys: ``dataset`` (``"anatomy"``, the default: :func:`recon.data.anatomy_phantom`, whose
+    networks transfer to real slices; ``"ellipses"``; or ``"digits"``), ``image_size``, ``n_angles`` (parallel
     beam, equispaced in ``[0, π)``; sparse view = few angles), ``n_detectors`` (``None``: the
     geometry's default), ``noise`` (``"none"``, ``"poisson"``: ``b ~ Poisson(I₀ e^{-μ y})``
     with ``photons = I₀`` and ``mu_scale = μ`` (``None``: ``4 / image_size``, i.e. optical depth
@@ -65,7 +65,7 @@ def default_setup(**overrides: Any) -> dict[str, Any]:
     ``data_seed`` (train / val / test use seeds ``data_seed + 0, 1, 2``),
     ``n_train``, ``n_val``, ``n_test``.
     """
-    setup = dict(dataset="ellipses", image_size=64, n_angles=30, n_detectors=None, noise="none",
+    setup = dict(dataset="anatomy", image_size=64, n_angles=30, n_detectors=None, noise="none",
                  photons=7e4, mu_scale=None, noise_level=0.05, n_ellipses=50.0, fbp_filter="hann",
                  data_seed=0, n_train=512, n_val=32, n_test=64)
     unknown = set(overrides) - set(setup)
