@@ -34,17 +34,28 @@ from recon.models import LSPD, LearnedPrimalDual, SketchedLSPD  # noqa: E402
 from recon.operators import ParallelBeamGeometry, RayTransform, fbp  # noqa: E402
 
 RATIO_TARGETS = {"LSPD": 0.5, "Sk-LSPD": 0.35}
+#: profiler op names -> the part of the network they belong to (the rest is "other")
+PROFILE_GROUPS = {"aten::mkldnn_convolution": "convolution", "aten::_prelu_kernel": "PReLU",
+                  "aten::convolution_overrideable": "convolution",
+                  "aten::cudnn_convolution": "convolution", "_Apply": "ray transform",
+                  "aten::cat": "concatenation", "aten::upsample_bilinear2d": "resampling"}
 
 
 def build_methods(size: int, n_angles: int, preset: str, subsets: int, method: str,
-                  device: torch.device, channels_last: bool):
-    """FBP, LPD, LSPD and Sk-LSPD on one geometry (eval mode, on ``device``)."""
+                  device: torch.device, channels_last: bool, sketch_hidden=()):
+    """FBP, LPD, LSPD and Sk-LSPD on one geometry (eval mode, on ``device``).
+
+    Every width in ``sketch_hidden`` adds a Sk-LSPD whose sketched layers have that hidden
+    width (``Sk-LSPD/h<width>``)."""
     geometry = ParallelBeamGeometry((size, size), n_angles=n_angles)
     op = RayTransform(geometry, backend="torch", method=method, check_finite=False)
     torch.manual_seed(0)
     nets = {"LPD": LearnedPrimalDual.from_preset(op, preset),
             "LSPD": LSPD.from_preset(op, preset, n_subsets=subsets),
             "Sk-LSPD": SketchedLSPD.from_preset(op, preset, n_subsets=subsets)}
+    for width in sketch_hidden:
+        nets[f"Sk-LSPD/h{width}"] = SketchedLSPD.from_preset(op, preset, n_subsets=subsets,
+                                                             sketch_hidden_channels=width)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     for net in nets.values():
         net.to(device=device, memory_format=memory_format).eval()
@@ -54,7 +65,7 @@ def build_methods(size: int, n_angles: int, preset: str, subsets: int, method: s
 def run_config(args, size, n_angles, batch, precision, method, channels_last, device):
     """Time every method on one configuration; return result rows."""
     op, methods = build_methods(size, n_angles, args.preset, args.subsets, method, device,
-                                channels_last)
+                                channels_last, args.sketch_hidden)
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(batch, 1, size, size, generator=gen)
     y = op(x).to(device)
@@ -63,23 +74,54 @@ def run_config(args, size, n_angles, batch, precision, method, channels_last, de
     with torch.inference_mode(), autocast:
         times = time_methods(methods, y, repeats=args.repeats, warmup=args.warmup)
     lpd = times["LPD"]
+    shares = profile_methods(methods, y, autocast) if args.profile else {}
     rows = []
     for name, seconds in times.items():
         rows.append({"size": size, "n_angles": n_angles, "batch": batch, "precision": precision,
                      "operator": method, "channels_last": channels_last, "method": name,
-                     "ms_per_sample": 1e3 * seconds, "ratio_to_lpd": seconds / lpd})
+                     "ms_per_sample": 1e3 * seconds, "ratio_to_lpd": seconds / lpd,
+                     **({"profile": shares[name]} if name in shares else {})})
     return rows
+
+
+def profile_methods(methods, y, autocast) -> dict:
+    """``torch.profiler`` of one pass per network: {method: {part: share of the self time}}.
+
+    Convolutions and PReLUs are split by where they run: on an image grid ("primal CNN") or on
+    sinogram rows ("dual CNN"); ``_Apply`` is the ray transform (forward and adjoint)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if y.is_cuda else [])
+    n_det = y.shape[-1]
+    shares = {}
+    for name, fn in methods.items():
+        if name == "FBP":
+            continue
+        with torch.inference_mode(), autocast, profile(activities=activities,
+                                                       record_shapes=True) as prof:
+            fn(y)
+        parts: dict[str, float] = {}
+        for event in prof.key_averages(group_by_input_shape=True):
+            part = PROFILE_GROUPS.get(event.key, "other")
+            if part in ("convolution", "PReLU"):
+                shape = event.input_shapes[0] if event.input_shapes else []
+                space = "dual" if len(shape) == 4 and shape[-1] == n_det else "primal"
+                part = f"{space} CNN {part}"
+            parts[part] = parts.get(part, 0.0) + event.self_cpu_time_total
+        total = sum(parts.values()) or 1.0
+        shares[name] = {k: v / total for k, v in sorted(parts.items())}
+    return shares
 
 
 def format_rows(rows) -> str:
     """Plain-text table of the result rows."""
-    head = (f"{'size':>5} {'ang':>4} {'B':>3} {'prec':>5} {'operator':>11} {'method':>8} "
+    head = (f"{'size':>5} {'ang':>4} {'B':>3} {'prec':>5} {'operator':>11} {'method':>12} "
             f"{'ms/sample':>10} {'/LPD':>6}  target")
     lines = [head, "-" * len(head)]
     for r in rows:
         target = r.get("target", "")
         lines.append(f"{r['size']:>5} {r['n_angles']:>4} {r['batch']:>3} {r['precision']:>5} "
-                     f"{r['operator']:>11} {r['method']:>8} {r['ms_per_sample']:>10.3f} "
+                     f"{r['operator']:>11} {r['method']:>12} {r['ms_per_sample']:>10.3f} "
                      f"{r['ratio_to_lpd']:>6.3f}  {target}")
     return "\n".join(lines)
 
@@ -98,6 +140,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--method", nargs="+", choices=("sparse", "matrix_free"),
                         default=["sparse"], help="torch-backend projector implementation")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--sketch-hidden", type=int, nargs="*", default=[],
+                        help="also time Sk-LSPD with this hidden width in the sketched layers")
+    parser.add_argument("--profile", action="store_true",
+                        help="torch.profiler share of each part (convolution, PReLU, ray "
+                             "transform, ...) per network")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
@@ -131,8 +178,9 @@ def main(argv=None) -> dict:
                                            "error": f"{type(exc).__name__}: {exc}"})
                             print(f"FAILED {errors[-1]}", file=sys.stderr)
     for r in rows:
-        if r["method"] in RATIO_TARGETS:
-            limit = RATIO_TARGETS[r["method"]]
+        family = r["method"].split("/")[0]
+        if family in RATIO_TARGETS:
+            limit = RATIO_TARGETS[family]
             r["target"] = f"ratio <= {limit}: {'met' if r['ratio_to_lpd'] <= limit else 'MISSED'}"
         if r["method"] == "LPD" and args.target_ms is not None:
             r["target"] = (f"< {args.target_ms} ms: "
@@ -142,6 +190,11 @@ def main(argv=None) -> dict:
     print(f"device: {device_name}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
           f"preset {args.preset}; subsets {args.subsets}")
     print(format_rows(rows))
+    for r in rows:
+        if "profile" in r:
+            print(f"profile {r['size']}² B{r['batch']} {r['method']:>12}: " + ", ".join(
+                f"{k} {100 * v:.0f}%" for k, v in sorted(r["profile"].items(),
+                                                       key=lambda kv: -kv[1])))
     report = {"device": device_name, "torch": torch.__version__, "python": platform.python_version(),
               "threads": torch.get_num_threads(), "args": vars(args), "rows": rows,
               "errors": errors, "time": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -134,6 +134,24 @@ def test_sketched_without_sketched_layers_is_lspd(op, order):
     assert torch.equal(lspd(y), sk(y))
 
 
+def test_sketch_hidden_channels_narrows_only_the_sketched_layers(op):
+    sk = _small(SketchedLSPD, op, n_subsets=3, sketch_hidden_channels=4)
+    widths = [block.net[0].out_channels for block in sk.primal_blocks]
+    assert widths == [4, 4, 8, 8]
+    assert [block.net[0].out_channels for block in sk.dual_blocks] == widths
+    y, _ = _data(op)
+    assert sk(y).shape == (2, 1, *op.domain_shape)
+    with pytest.raises(ValueError, match="sketch_hidden_channels"):
+        LSPD(op, sketch_hidden_channels=4)
+    # with no sketched layer the width option has nothing to act on: still exactly LSPD
+    torch.manual_seed(1)
+    lspd = _small(LSPD, op, n_subsets=3)
+    full = _small(SketchedLSPD, op, n_subsets=3, n_unsketched=4, sketch_hidden_channels=4)
+    full.load_state_dict(lspd.state_dict())
+    lspd.eval(), full.eval()
+    assert torch.equal(lspd(y), full(y))
+
+
 def test_lspd_uses_one_subset_per_layer_in_cyclic_order():
     counts = {}
     op = CountingOperator((16, 16), parallel_angles(12), counts=counts)
@@ -233,7 +251,7 @@ def test_from_preset_and_build_model(op):
 def test_config_rebuilds_the_same_model(op, cls):
     kw = {} if cls is LearnedPrimalDual else {"subset_order": "random"}
     if cls is SketchedLSPD:
-        kw["sketch_residual"] = False
+        kw.update(sketch_residual=False, sketch_hidden_channels=4)
     model = _small(cls, op, **kw)
     clone = cls(op, **model.get_config())
     clone.load_state_dict(model.state_dict())
@@ -249,6 +267,7 @@ def test_config_rebuilds_the_same_model(op, cls):
     (dict(n_sketched=2), "sketch_factor"),
     (dict(n_iterations=0), "n_iterations"),
     (dict(operator_norm=-1.0), "operator_norm"),
+    (dict(sketch_hidden_channels=0), "sketch_hidden_channels"),
 ])
 def test_bad_arguments(op, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -7,7 +7,9 @@
 >>> item = ds[0]      # {"image", "sinogram", "fbp", "mask"}
 """
 
-from .ct_datasets import DicomSliceDataset, DigitsDataset, EllipsePhantomDataset, SimulatedCTDataset
+from .anatomy import LAYOUTS, anatomy_phantom
+from .ct_datasets import (AnatomyPhantomDataset, DicomSliceDataset, DigitsDataset,
+                          EllipsePhantomDataset, SimulatedCTDataset)
 from .dicom import (MU_WATER, DicomSlice, attenuation_to_hu, example_ct_path, find_dicom_files,
                     hu_to_attenuation, read_dicom_slice)
 from .digits import load_digits_images
@@ -16,7 +18,8 @@ from .noise import GaussianNoise, PoissonNoise, as_noise_model, select_views
 from .phantoms import ellipse_phantom, lesion_phantom, random_ellipses, render_ellipses, shepp_logan
 
 __all__ = [
-    "SimulatedCTDataset", "EllipsePhantomDataset", "DigitsDataset", "DicomSliceDataset",
+    "SimulatedCTDataset", "EllipsePhantomDataset", "AnatomyPhantomDataset", "DigitsDataset",
+    "DicomSliceDataset", "anatomy_phantom", "LAYOUTS",
     "GaussianNoise", "PoissonNoise", "as_noise_model", "select_views",
     "ellipse_phantom", "lesion_phantom", "random_ellipses", "render_ellipses", "shepp_logan",
     "load_digits_images",

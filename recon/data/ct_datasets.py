@@ -30,9 +30,11 @@ from torch.utils.data import Dataset
 from ..operators import ParallelBeamGeometry, RayTransform, fbp
 from ..operators.geometry import Geometry
 from .noise import as_noise_model
+from .anatomy import LAYOUTS, anatomy_phantom
 from .phantoms import ellipse_phantom, lesion_phantom
 
-__all__ = ["SimulatedCTDataset", "EllipsePhantomDataset", "DigitsDataset", "DicomSliceDataset"]
+__all__ = ["SimulatedCTDataset", "EllipsePhantomDataset", "AnatomyPhantomDataset",
+           "DigitsDataset", "DicomSliceDataset"]
 
 
 def _size_pair(image_size, name="image_size") -> tuple[int, int]:
@@ -210,6 +212,32 @@ class EllipsePhantomDataset(SimulatedCTDataset):
         if self.lesions:
             out["mask"] = torch.stack(masks)[:, None]
         return out
+
+
+class AnatomyPhantomDataset(SimulatedCTDataset):
+    """Anatomy-like phantoms (:func:`~recon.data.anatomy.anatomy_phantom`) with CT data.
+
+    Sample ``i`` is drawn from ``default_rng([seed, i])``: the same seed gives the same data.
+    ``layouts``, ``texture``, ``n_lesions``, ``n_vessels`` and ``zoom`` are passed to
+    :func:`~recon.data.anatomy.anatomy_phantom`; ``operator`` ``None`` means parallel beam with
+    60 angles; ``noise``, ``seed`` and ``**kwargs`` as in :class:`SimulatedCTDataset`.
+    """
+
+    def __init__(self, n_samples: int, image_size=128, operator=None, *, noise=None, seed: int = 0,
+                 layouts=LAYOUTS, texture: float = 0.15, n_lesions: float = 2.0,
+                 n_vessels: float = 4.0, zoom: float = 0.4, **kwargs):
+        size = _size_pair(image_size)
+        self.options = dict(layouts=tuple(layouts), texture=texture, n_lesions=n_lesions,
+                            n_vessels=n_vessels, zoom=zoom)
+        anatomy_phantom((4, 4), np.random.default_rng(0), **self.options)  # validates options
+        super().__init__(n_samples, _as_operator(operator, size), noise=noise, seed=seed, **kwargs)
+        self.image_size = size
+
+    def make_samples(self, indices):
+        """Phantoms of ``indices`` from ``default_rng([seed, i])``."""
+        images = [anatomy_phantom(self.image_size, np.random.default_rng([self.seed, int(i)]),
+                                  **self.options) for i in indices]
+        return {"image": torch.stack(images)[:, None]}
 
 
 class DigitsDataset(SimulatedCTDataset):

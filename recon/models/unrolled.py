@@ -84,6 +84,8 @@ class UnrolledPrimalDual(nn.Module):
             and forward pass in training mode; a fixed draw from ``seed`` in eval mode).
         sketch_factor: integer grid coarsening ``f`` of the sketched layers.
         n_sketched: number of leading layers on the coarse grid (``0 ≤ n_sketched ≤ K``).
+        sketch_hidden_channels: hidden width of the blocks of the sketched layers (``None``:
+            ``hidden_channels``); a narrower width makes the cheap coarse phase cheaper still.
         sketch_residual: leave the coarse phase by ``x_fine + U(x̃ - S x_fine)`` (the coarse
             layers update only what the coarse grid resolves; the fine detail of the state
             entering the phase is kept) instead of the literal option-2 ``U(x̃)``.
@@ -99,7 +101,8 @@ class UnrolledPrimalDual(nn.Module):
                  step_init: float = 1.0, init: str = "fbp", fbp_filter: str = "ram-lak",
                  n_subsets: int = 1, subset_order: str = "cyclic", sketch_factor: int = 1,
                  n_sketched: int = 0, sketch_residual: bool = True,
-                 operator_norm: float | None = None, zero_last: bool = False, seed: int = 0):
+                 sketch_hidden_channels: int | None = None, operator_norm: float | None = None,
+                 zero_last: bool = False, seed: int = 0):
         super().__init__()
         n_angles = int(operator.range_shape[0])
         _check_int("n_iterations", n_iterations, 1)
@@ -112,6 +115,8 @@ class UnrolledPrimalDual(nn.Module):
             raise ValueError(f"init must be one of {_INITS}, got {init!r}")
         if subset_order not in _ORDERS:
             raise ValueError(f"subset_order must be one of {_ORDERS}, got {subset_order!r}")
+        if sketch_hidden_channels is not None:
+            _check_int("sketch_hidden_channels", sketch_hidden_channels, 1)
         if n_sketched > 0 and sketch_factor == 1:
             raise ValueError(f"n_sketched={n_sketched} needs sketch_factor > 1, got 1")
         self.config = dict(n_iterations=n_iterations, n_primal=n_primal, n_dual=n_dual,
@@ -119,7 +124,9 @@ class UnrolledPrimalDual(nn.Module):
                            step_init=step_init, init=init, fbp_filter=fbp_filter,
                            n_subsets=n_subsets, subset_order=subset_order,
                            sketch_factor=sketch_factor, n_sketched=n_sketched,
-                           sketch_residual=bool(sketch_residual), zero_last=zero_last, seed=seed)
+                           sketch_residual=bool(sketch_residual),
+                           sketch_hidden_channels=sketch_hidden_channels, zero_last=zero_last,
+                           seed=seed)
 
         self.operator = operator
         self.image_shape = tuple(int(v) for v in operator.domain_shape)
@@ -150,12 +157,12 @@ class UnrolledPrimalDual(nn.Module):
 
         self.sigma = nn.Parameter(torch.full((n_iterations,), float(step_init)))
         self.tau = nn.Parameter(torch.full((n_iterations,), float(step_init)))
+        widths = [(sketch_hidden_channels or hidden_channels) if k < n_sketched
+                  else hidden_channels for k in range(n_iterations)]
         self.dual_blocks = nn.ModuleList(
-            ResidualConvBlock(n_dual, 2, hidden_channels, kernel_size, zero_last)
-            for _ in range(n_iterations))
+            ResidualConvBlock(n_dual, 2, w, kernel_size, zero_last) for w in widths)
         self.primal_blocks = nn.ModuleList(
-            ResidualConvBlock(n_primal, 1, hidden_channels, kernel_size, zero_last)
-            for _ in range(n_iterations))
+            ResidualConvBlock(n_primal, 1, w, kernel_size, zero_last) for w in widths)
 
     # ------------------------------------------------------------------ public helpers
     @classmethod
@@ -278,13 +285,13 @@ class LearnedPrimalDual(UnrolledPrimalDual):
     name = "lpd"
 
     def __init__(self, operator: Any, n_iterations: int = 10, **options: Any):
-        _forbid(options, n_subsets=1, n_sketched=0)
+        _forbid(options, n_subsets=1, n_sketched=0, sketch_hidden_channels=None)
         super().__init__(operator, n_iterations, **options)
 
     def get_config(self) -> dict[str, Any]:
         """Keyword arguments that rebuild this model (no subset / sketch options)."""
         return _drop(self.config, "n_subsets", "subset_order", "sketch_factor", "n_sketched",
-                     "sketch_residual")
+                     "sketch_residual", "sketch_hidden_channels")
 
 
 class LSPD(UnrolledPrimalDual):
@@ -304,13 +311,14 @@ class LSPD(UnrolledPrimalDual):
 
     def __init__(self, operator: Any, n_iterations: int = 10, *, n_subsets: int = 4,
                  subset_order: str = "cyclic", **options: Any):
-        _forbid(options, n_sketched=0)
+        _forbid(options, n_sketched=0, sketch_hidden_channels=None)
         super().__init__(operator, n_iterations, n_subsets=n_subsets,
                          subset_order=subset_order, **options)
 
     def get_config(self) -> dict[str, Any]:
         """Keyword arguments that rebuild this model (no sketch options)."""
-        return _drop(self.config, "sketch_factor", "n_sketched", "sketch_residual")
+        return _drop(self.config, "sketch_factor", "n_sketched", "sketch_residual",
+                     "sketch_hidden_channels")
 
 
 class SketchedLSPD(UnrolledPrimalDual):

@@ -7,8 +7,9 @@ r"""Command line of the unrolled-reconstruction experiments (``python -m recon.t
     python -m recon.train evaluate runs/lpd/best.pt runs/lspd/best.pt --out runs/table
     torchrun --nproc_per_node 4 -m recon.train train --model lpd ... --out runs/lpd  # DDP
 
-``train`` builds the geometry, the ellipse-phantom data (sparse view, optional Poisson noise)
-and the model (:mod:`recon.training.experiment`) and runs :func:`recon.training.fit`;
+``train`` builds the geometry, the phantom data (anatomy-like by default, see ``--dataset``;
+sparse view, optional Poisson noise) and the model (:mod:`recon.training.experiment`) and
+runs :func:`recon.training.fit`;
 ``evaluate`` rebuilds everything from the checkpoints (:func:`recon.training.load_methods`),
 prints the table and writes ``table.json`` and ``samples.png``.  Sizes, counts and rates are
 checked when the arguments are parsed (``argparse`` exits with status 2 naming the option).
@@ -74,7 +75,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``python -m recon.train train``."""
     d = default_setup()
     g = parser.add_argument_group("data and geometry")
-    g.add_argument("--dataset", choices=("ellipses", "digits"), default=d["dataset"])
+    g.add_argument("--dataset", choices=("ellipses", "anatomy", "digits"), default=d["dataset"])
     g.add_argument("--image-size", type=_POS, default=d["image_size"])
     g.add_argument("--n-angles", type=_POS, default=d["n_angles"],
                    help="parallel-beam angles in [0, pi) (sparse view: few)")

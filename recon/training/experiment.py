@@ -55,7 +55,8 @@ def check_data_matches_operator(data: TensorData, operator: Any) -> None:
 def default_setup(**overrides: Any) -> dict[str, Any]:
     """The acquisition and data settings of an experiment, as plain values.
 
-    Keys: ``dataset`` (``"ellipses"`` or ``"digits"``), ``image_size``, ``n_angles`` (parallel
+    Keys: ``dataset`` (``"anatomy"``, the default: :func:`recon.data.anatomy_phantom`, whose
+    networks transfer to real slices; ``"ellipses"``; or ``"digits"``), ``image_size``, ``n_angles`` (parallel
     beam, equispaced in ``[0, π)``; sparse view = few angles), ``n_detectors`` (``None``: the
     geometry's default), ``noise`` (``"none"``, ``"poisson"``: ``b ~ Poisson(I₀ e^{-μ y})``
     with ``photons = I₀`` and ``mu_scale = μ`` (``None``: ``4 / image_size``, i.e. optical depth
@@ -64,7 +65,7 @@ def default_setup(**overrides: Any) -> dict[str, Any]:
     ``data_seed`` (train / val / test use seeds ``data_seed + 0, 1, 2``),
     ``n_train``, ``n_val``, ``n_test``.
     """
-    setup = dict(dataset="ellipses", image_size=64, n_angles=30, n_detectors=None, noise="none",
+    setup = dict(dataset="anatomy", image_size=64, n_angles=30, n_detectors=None, noise="none",
                  photons=7e4, mu_scale=None, noise_level=0.05, n_ellipses=50.0, fbp_filter="hann",
                  data_seed=0, n_train=512, n_val=32, n_test=64)
     unknown = set(overrides) - set(setup)
@@ -72,8 +73,9 @@ def default_setup(**overrides: Any) -> dict[str, Any]:
         raise ValueError(f"unknown setup keys {sorted(unknown)}; known: {sorted(setup)}")
     setup.update(overrides)
     _check_setup_values(setup)
-    if setup["dataset"] not in ("ellipses", "digits"):
-        raise ValueError(f"dataset must be 'ellipses' or 'digits', got {setup['dataset']!r}")
+    if setup["dataset"] not in ("ellipses", "anatomy", "digits"):
+        raise ValueError(f"dataset must be 'ellipses', 'anatomy' or 'digits', got "
+                         f"{setup['dataset']!r}")
     if setup["noise"] not in ("none", "poisson", "gaussian"):
         raise ValueError(f"noise must be 'none', 'poisson' or 'gaussian', got {setup['noise']!r}")
     return setup
@@ -107,7 +109,7 @@ def build_setup(setup: Mapping[str, Any], split: str = "train", n: int | None = 
     ``data`` is :func:`stack_dataset` of the simulated items (``sinogram``, ``image``, ``fbp``);
     ``n`` overrides the split size ``setup["n_<split>"]``.
     """
-    from recon.data import DigitsDataset, EllipsePhantomDataset
+    from recon.data import AnatomyPhantomDataset, DigitsDataset, EllipsePhantomDataset
 
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
@@ -118,6 +120,8 @@ def build_setup(setup: Mapping[str, Any], split: str = "train", n: int | None = 
     if setup["dataset"] == "ellipses":
         dataset = EllipsePhantomDataset(n, int(setup["image_size"]), operator, seed=seed,
                                         n_ellipses=float(setup.get("n_ellipses", 50.0)), **kwargs)
+    elif setup["dataset"] == "anatomy":
+        dataset = AnatomyPhantomDataset(n, int(setup["image_size"]), operator, seed=seed, **kwargs)
     else:  # digits: validation is the tail of the training split, test the held-out split
         n_train = int(setup["n_train"])
         if split == "test":
