@@ -141,9 +141,10 @@ class Unrolled(HypergradientEstimator):
     def unroll(self, inner: InnerProblem, theta: Theta, batch: Any, x0: Tensor,
                create_graph: bool = True) -> Tensor:
         """The ``K``-step map ``x_K(θ)`` (differentiable in θ when θ requires grad)."""
-        alpha = self._alpha(inner, theta, batch)
+        alpha = self._alpha(inner, theta, batch) if self.n_steps else 0.0
         with torch.enable_grad():
-            xk = x0.detach().clone().requires_grad_(True)
+            # an x₀ that depends on θ (start="init" with an explicit map) keeps its graph
+            xk = x0 if x0.requires_grad else x0.detach().clone().requires_grad_(True)
             for _ in range(self.n_steps):
                 (g,) = torch.autograd.grad(inner.objective(xk, theta, batch).sum(), xk,
                                            create_graph=create_graph)
@@ -156,8 +157,8 @@ class Unrolled(HypergradientEstimator):
         inner.check(x, theta, batch)
         params = outer.trainable_parameters() if hasattr(outer, "trainable_parameters") else {}
         th = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
-        x0 = x if self.start == "warm" else inner.init(th, batch)
         with torch.enable_grad():
+            x0 = x.detach() if self.start == "warm" else inner.init(th, batch)
             xk = self.unroll(inner, th, batch, x0)
             loss = outer(xk, th, batch)
             if not isinstance(loss, Tensor) or loss.dim() != 0:
