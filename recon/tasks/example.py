@@ -38,6 +38,7 @@ def parse_args(source: str, argv: Optional[Sequence[str]], doc: str) -> argparse
     ap.add_argument("--epochs", type=int, default=None, help="pretraining epochs")
     ap.add_argument("--iters", type=int, default=15, help="HOAG outer iterations per route")
     ap.add_argument("--tolerances", type=float, nargs="+", default=[1e-3, 1e-5])
+    ap.add_argument("--finetune-lr", type=float, default=1e-4, help="Adam step of the fine-tuned layers")
     ap.add_argument("--checkpoint", default=None, help="T* checkpoint (default OUT/task_net.pt)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--threads", type=int, default=2)
@@ -116,7 +117,8 @@ def run_example(task: str, source: str, argv: Optional[Sequence[str]] = None,
     for i, sigma in enumerate(args.sigmas):
         rows, imgs = run_noise_level(net, _noisy(train, sigma, 100 + i), _noisy(test, sigma, 200 + i),
                                      loss, score, finetune=FINETUNE[cfg["kind"]],
-                                     tolerances=args.tolerances, max_iter=args.iters, progress=progress)
+                                     tolerances=args.tolerances, max_iter=args.iters,
+                                     finetune_lr=args.finetune_lr, progress=progress)
         results[str(sigma)], samples[sigma] = rows, imgs
         _save_samples(args.out / f"samples_sigma{sigma:g}.png", imgs, test["label"][:4], task)
     metrics = ["dice", "iou"] if task == "segmentation" else ["accuracy", "top5"]
