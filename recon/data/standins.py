@@ -14,6 +14,7 @@ Both split the 1797 digits by index into ``train`` (i mod 4 ≠ 0, 1347 digits) 
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Dict, Sequence
 
 import torch
@@ -25,6 +26,13 @@ __all__ = ["digit_classification", "digit_scenes", "add_gaussian_noise", "stack_
            "SCENE_CLASSES"]
 
 SCENE_CLASSES = ("background",) + tuple(f"digit {d}" for d in range(10))
+
+
+@lru_cache(maxsize=4)
+def _digits(size: int, pad: int):
+    images, labels = load_digits_images(size, pad=pad)
+    images.requires_grad_(False)
+    return images, labels
 
 
 def _split_indices(n: int, split: str) -> torch.Tensor:
@@ -45,7 +53,7 @@ def digit_classification(n: int | None = None, size: int = 32, split: str = "tra
                          seed: int = 0) -> Dict[str, torch.Tensor]:
     """``{"image": (n, 1, size, size) in [0, 1], "label": (n,) in 0..9}`` from the digits of
     ``split``; ``n=None`` takes them all, else a seeded random subset of ``n`` (≤ the split)."""
-    images, labels = load_digits_images(size, pad=1)
+    images, labels = _digits(int(size), 1)          # cached; indexing below copies
     idx = _split_indices(len(labels), split)
     if n is not None:
         _check_n(n)
@@ -75,7 +83,7 @@ def digit_scenes(n: int, size: int = 64, split: str = "train", seed: int = 0,
     _check_n(n)
     if not isinstance(size, int) or size < max(digit_sizes):
         raise ValueError(f"size must be an int >= the largest digit size {max(digit_sizes)}, got {size!r}")
-    base, labels = load_digits_images(8)
+    base, labels = _digits(8, 0)
     idx = _split_indices(len(labels), split)
     g = torch.Generator().manual_seed(seed)
     images = torch.zeros(n, 1, size, size)

@@ -61,7 +61,7 @@ def load_task_data(task: str, source: str, split: str, n: Optional[int] = None, 
     """``{"image": (N, C, H, W) in [0, 1], "label": ...}`` for a task / source / split.
 
     ``split`` is ``"train"`` or ``"test"`` (Cityscapes' ``val`` split serves as its test set);
-    ``n`` caps the number of items (the stand-in scenes are generated: ``n`` defaults to 1000
+    ``n`` caps the number of items (the digits stand-in has 1347 / 450; the scenes are generated: ``n`` defaults to 1000
     for train and 500 for test); ``size`` overrides :func:`default_size`.
     """
     from ..data.standins import digit_classification, digit_scenes, stack_items
@@ -76,7 +76,8 @@ def load_task_data(task: str, source: str, split: str, n: Optional[int] = None, 
         n = n if n is not None else (1000 if split == "train" else 500)
         return digit_scenes(n, int(size), split, seed=seed + (0 if split == "train" else 1))
     if source == "standin":
-        return digit_classification(n, int(size), split, seed=seed)
+        available = 1347 if split == "train" else 450
+        return digit_classification(None if n is None or n >= available else n, int(size), split, seed=seed)
     if source == "cityscapes":
         from ..data.cityscapes import CityscapesSegmentation
         size = (size, 2 * size) if isinstance(size, int) else tuple(size)

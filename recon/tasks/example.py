@@ -120,6 +120,7 @@ def run_example(task: str, source: str, argv: Optional[Sequence[str]] = None,
                                      tolerances=args.tolerances, max_iter=args.iters,
                                      finetune_lr=args.finetune_lr, progress=progress)
         results[str(sigma)], samples[sigma] = rows, imgs
+        _write_json(args.out / "table.json", {"partial": True, "results": results})
         _save_samples(args.out / f"samples_sigma{sigma:g}.png", imgs, test["label"][:4], task)
     metrics = ["dice", "iou"] if task == "segmentation" else ["accuracy", "top5"]
     table = format_table(results, metrics)
@@ -129,9 +130,16 @@ def run_example(task: str, source: str, argv: Optional[Sequence[str]] = None,
         "results": results, "seconds": time.perf_counter() - t0,
         "gap_recovered_at_highest_sigma": {r["route"]: gap_recovered(results[top], metrics[0], r["route"])
                                            for r in results[top][2:]}}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "table.json").write_text(json.dumps(out, indent=1))
+    _write_json(args.out / "table.json", out)
     return {**out, "table": table}
+
+
+def _write_json(path: Path, obj) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
 
 
 def _save_samples(path: Path, imgs, labels, task: str, k: int = 2) -> None:

@@ -10,7 +10,10 @@ For a pretrained task network ``T*`` and noisy images ``y = x + σn`` the rows a
 * ``TV, task-learned θ + fine-tuned T``: the same with the selected layers ``φ`` of ``T``
   stepped by Adam in the same loop, scored with ``T_φ(x̂(θ))``.
 
-``x̂(θ)`` is :class:`recon.problems.TVDenoising`. θ is learned on a small training set and every
+The task routes start where the MSE route ended (HOAG then descends the task loss from
+``θ_mse``): started at :data:`THETA0` instead, the task loss's slope toward *less* smoothing at
+tiny TV weights led HOAG to the weight's lower bound on the digit scenes at σ = 0.1 (no
+denoising at all). ``x̂(θ)`` is :class:`recon.problems.TVDenoising`. θ is learned on a small training set and every
 row is scored on a held-out test set. "Relative tolerance τ" means the absolute tolerance
 ``τ · max_b‖∇ₓΦ_b(y_b; θ₀)‖`` (the inner gradient norm at the start, in the problem's units) on
 the inner gradient and the CG residual, held constant (HOAG ``tolerance="constant"``).
@@ -61,10 +64,12 @@ def denoise(theta: Mapping[str, Tensor], y: Tensor, rel_tol: float = 1e-5, chunk
 
 
 def learn_theta(outer: nn.Module, train: Mapping[str, Tensor], rel_tol: float, max_iter: int,
-                param_optimizer: Optional[torch.optim.Optimizer] = None, progress: bool = False):
-    """HOAG on ``TVDenoising`` with the upper loss ``outer`` from :func:`theta0`; returns
-    ``(Result, seconds)``. ``train`` holds ``"y"`` (noisy), ``"image"`` and ``"label"``."""
-    th0 = theta0(train["y"].dtype)
+                param_optimizer: Optional[torch.optim.Optimizer] = None, progress: bool = False,
+                start: Optional[Mapping[str, Tensor]] = None):
+    """HOAG on ``TVDenoising`` with the upper loss ``outer`` from ``start`` (default
+    :func:`theta0`); returns ``(Result, seconds)``. ``train`` holds ``"y"`` (noisy), ``"image"``
+    and ``"label"``."""
+    th0 = theta0(train["y"].dtype) if start is None else {k: v.detach().clone() for k, v in start.items()}
     tol = relative_tolerance(rel_tol, th0, train["y"])
     hoag = HOAG(TVDenoising(), outer, tolerance="constant", tol0=tol, max_iter=max_iter,
                 bounds=BOUNDS, param_optimizer=param_optimizer, progress=progress)
@@ -102,9 +107,10 @@ def run_noise_level(network: nn.Module, train: Mapping[str, Tensor], test: Mappi
     add("T* on noisy", test["y"])
     res, sec = learn_theta(MSEToTarget(), train, min(tolerances), max_iter, progress=progress)
     add("TV, MSE-learned θ", denoise(res.theta, test["y"]), theta=res.theta, res=res, seconds=sec)
+    theta_mse = res.theta
     for tol in tolerances:
         outer = TaskLoss(TaskOperator(network), loss)
-        res, sec = learn_theta(outer, train, tol, max_iter, progress=progress)
+        res, sec = learn_theta(outer, train, tol, max_iter, progress=progress, start=theta_mse)
         add(f"TV, task-learned θ (tol {tol:g})", denoise(res.theta, test["y"], tol), theta=res.theta,
             res=res, seconds=sec)
     if finetune:
@@ -112,7 +118,8 @@ def run_noise_level(network: nn.Module, train: Mapping[str, Tensor], test: Mappi
         outer = TaskLoss(tuned, loss)
         opt = torch.optim.Adam(outer.trainable_parameters().values(), lr=finetune_lr)
         tol = min(tolerances)
-        res, sec = learn_theta(outer, train, tol, max_iter, param_optimizer=opt, progress=progress)
+        res, sec = learn_theta(outer, train, tol, max_iter, param_optimizer=opt, progress=progress,
+                               start=theta_mse)
         add(f"TV, task-learned θ + fine-tuned T (tol {tol:g})", denoise(res.theta, test["y"], tol),
             net=tuned.eval(), theta=res.theta, res=res, seconds=sec)
     return rows, images

@@ -11,7 +11,7 @@ to ``checkpoint`` (:func:`recon.checkpoint.save_checkpoint`); ``resume=True`` co
 
 Network configs are plain dicts: ``{"kind": "unet", "in_channels", "num_classes",
 "base_channels", "depth"}`` or ``{"kind": "resnet18" | "resnet50", "in_channels",
-"num_classes", "small_input"}``.
+"num_classes", "small_input"}`` or ``{"kind": "small_cnn", "in_channels", "num_classes", "width"}``.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ __all__ = ["build_task_network", "pretrain", "load_task_network", "predict"]
 def build_task_network(config: Mapping[str, Any]) -> nn.Module:
     """Build a task network from a plain config dict (module docstring)."""
     from ..models import UNet, resnet_classifier
+    from ..models.classifiers import SmallCNN
 
     if not isinstance(config, Mapping) or "kind" not in config:
         raise ValueError(f"config must be a dict with a 'kind' entry, got {config!r}")
@@ -39,7 +40,9 @@ def build_task_network(config: Mapping[str, Any]) -> nn.Module:
         return UNet(**cfg)
     if kind in ("resnet18", "resnet50"):
         return resnet_classifier(kind, **cfg)
-    raise ValueError(f"config['kind'] must be 'unet', 'resnet18' or 'resnet50', got {kind!r}")
+    if kind == "small_cnn":
+        return SmallCNN(**cfg)
+    raise ValueError(f"config['kind'] must be 'unet', 'resnet18', 'resnet50' or 'small_cnn', got {kind!r}")
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> Tensor:
