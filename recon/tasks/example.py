@@ -36,7 +36,7 @@ def parse_args(source: str, argv: Optional[Sequence[str]], doc: str) -> argparse
     ap.add_argument("--n-test", type=int, default=500, help="held-out images every row is scored on")
     ap.add_argument("--n-pretrain", type=int, default=None, help="clean images T* is trained on")
     ap.add_argument("--epochs", type=int, default=None, help="pretraining epochs")
-    ap.add_argument("--iters", type=int, default=15, help="HOAG outer iterations per route")
+    ap.add_argument("--iters", type=int, default=10, help="HOAG outer iterations per route")
     ap.add_argument("--tolerances", type=float, nargs="+", default=[1e-3, 1e-5])
     ap.add_argument("--finetune-lr", type=float, default=1e-4, help="Adam step of the fine-tuned layers")
     ap.add_argument("--checkpoint", default=None, help="T* checkpoint (default OUT/task_net.pt)")
