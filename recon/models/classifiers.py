@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["resnet_classifier", "ARCHITECTURES"]
+__all__ = ["resnet_classifier", "SmallCNN", "ARCHITECTURES"]
 
 ARCHITECTURES = ("resnet18", "resnet50")
 
@@ -54,3 +54,24 @@ def resnet_classifier(arch: str = "resnet18", num_classes: int = 120, in_channel
         net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
     net.fc = nn.Linear(net.fc.in_features, num_classes)
     return net
+
+
+class SmallCNN(nn.Sequential):
+    """A small classifier for quick runs: ``[conv3×3 → BN → ReLU → maxpool2] × 2`` with
+    ``width`` and ``2·width`` channels, average pooling to 4×4, and ``fc`` to ``num_classes``
+    logits. Children ``block1, block2, pool, fc`` (so ``TaskOperator(last=1)`` tunes ``fc``)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16):
+        for name, value in (("in_channels", in_channels), ("num_classes", num_classes), ("width", width)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+        def block(i, o):
+            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o),
+                                 nn.ReLU(inplace=True), nn.MaxPool2d(2))
+
+        super().__init__()
+        self.add_module("block1", block(in_channels, width))
+        self.add_module("block2", block(width, 2 * width))
+        self.add_module("pool", nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten()))
+        self.add_module("fc", nn.Linear(32 * width, num_classes))

@@ -5,6 +5,9 @@
   :func:`soft_iou_loss`, :func:`log_cosh_dice_loss`, :class:`SegmentationLoss` (weighted sums),
   :func:`classification_cross_entropy`, :class:`ClassificationLoss`;
 * :class:`TaskLoss` -- the bilevel upper loss ``ℓ(x) = L(T_φ(x), s)``;
+* :func:`pretrain` / :func:`load_task_network` -- ``T*`` on clean data, atomic checkpoints,
+  resume (command line: ``python -m recon.tasks pretrain``);
+* :mod:`recon.tasks.experiment` / :mod:`recon.tasks.example` -- the rows of Tables 3.3 / 3.4;
 * metrics (:mod:`recon.tasks.metrics`): Dice / IoU per class and mean with an ignore index,
   accuracy, top-k accuracy.
 """
@@ -14,6 +17,7 @@ from .losses import (SEGMENTATION_TERMS, ClassificationLoss, SegmentationLoss, T
 from .metrics import (classification_accuracy, confusion_matrix, dice_per_class, iou_per_class,
                       mean_dice, mean_iou, segmentation_scores, top_k_accuracy)
 from .operator import TaskOperator, last_blocks
+from .pretrain import build_task_network, load_task_network, predict, pretrain
 
 __all__ = [
     "TaskOperator", "last_blocks", "TaskLoss", "SegmentationLoss", "ClassificationLoss",
@@ -22,4 +26,5 @@ __all__ = [
     "classification_cross_entropy",
     "confusion_matrix", "dice_per_class", "iou_per_class", "mean_dice", "mean_iou",
     "segmentation_scores", "top_k_accuracy", "classification_accuracy",
+    "pretrain", "build_task_network", "load_task_network", "predict",
 ]

@@ -161,7 +161,8 @@ class TaskLoss(OuterLoss):
 
     ``task`` is the task network (usually a :class:`recon.tasks.TaskOperator`; its fine-tuned
     parameters are this loss's trainable parameters), ``loss`` maps ``(logits, labels)`` to a
-    scalar (e.g. :class:`SegmentationLoss`, :class:`ClassificationLoss`).
+    scalar (e.g. :class:`SegmentationLoss`, :class:`ClassificationLoss`). ``x`` is cast to the
+    network's floating dtype (differentiably), so a float64 inner problem can feed a float32 net.
     """
 
     def __init__(self, task: nn.Module, loss: Callable[[Tensor, Tensor], Tensor],
@@ -177,4 +178,7 @@ class TaskLoss(OuterLoss):
         if not isinstance(batch, Mapping) or self.label_key not in batch:
             keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
             raise ValueError(f"batch must be a mapping with key {self.label_key!r}; got {keys}")
+        p = next(self.task.parameters(), None)
+        if p is not None and p.is_floating_point() and x.dtype != p.dtype:
+            x = x.to(p.dtype)       # e.g. a float64 inner solution into a float32 network
         return self.loss(self.task(x), batch[self.label_key])

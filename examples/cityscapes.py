@@ -1,0 +1,34 @@
+"""Task-adapted TV denoising for segmentation: Cityscapes (the reference's Table 3.3).
+
+    PYTHONPATH=. python examples/cityscapes.py                          # stand-in: digit scenes
+    PYTHONPATH=. python examples/cityscapes.py --quick                  # smoke run, < 1 minute
+    PYTHONPATH=. python examples/cityscapes.py --root /data/cityscapes --epochs 30
+
+Pretrains (or loads ``OUT/task_net.pt``) a compact U-Net ``T*`` on clean images — 64×64 scenes
+of scikit-learn digits with per-pixel labels (background + 10 digits) as the stand-in, or
+Cityscapes resized to 64×128 with its 19 classes (255 ignored) — then for every noise level σ
+prints mean Dice and mean IoU on held-out images for: T* on clean, T* on noisy, TV with
+MSE-learned θ, TV with task-learned θ (HOAG with the loss CE + soft Dice, relative tolerance
+1e-3 and 1e-5), and task-learned θ with the U-Net's last two up-sampling blocks and output
+convolution fine-tuned by Adam in the same loop. Writes ``table.json`` and one PNG per σ.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from recon.tasks.example import run_example  # noqa: E402
+
+
+def main(argv=None):
+    out = run_example("segmentation", "cityscapes", argv, __doc__)
+    print(out["table"])
+    print("fraction of the clean-minus-noisy Dice gap recovered at the highest σ:")
+    for route, frac in out["gap_recovered_at_highest_sigma"].items():
+        print(f"  {route:<48}{frac:>8.2f}")
+    print(f"{out['seconds']:.0f} s; wrote {out['args']['out']}/table.json and samples_sigma*.png")
+    return out
+
+
+if __name__ == "__main__":
+    main()

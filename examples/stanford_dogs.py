@@ -1,0 +1,33 @@
+"""Task-adapted TV denoising for classification: Stanford Dogs (the reference's Table 3.4).
+
+    PYTHONPATH=. python examples/stanford_dogs.py                       # stand-in: sklearn digits
+    PYTHONPATH=. python examples/stanford_dogs.py --quick               # smoke run, < 1 minute
+    PYTHONPATH=. python examples/stanford_dogs.py --root /data/StanfordDogs --epochs 30
+
+Pretrains (or loads ``OUT/task_net.pt``) a torchvision classifier ``T*`` on clean images —
+ResNet-18 on the 32×32 digits stand-in, ResNet-50 on Stanford Dogs at 64×64 — then for every
+noise level σ prints top-1 / top-5 accuracy on held-out images for: T* on clean, T* on noisy,
+TV with MSE-learned θ, TV with task-learned θ (HOAG, relative tolerance 1e-3 and 1e-5), and
+task-learned θ with ResNet's last stage (``layer4``; ResNet-50: its last block ``layer4.2``)
+and ``fc`` fine-tuned by Adam in the same loop. Writes ``table.json`` and one PNG per σ.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from recon.tasks.example import run_example  # noqa: E402
+
+
+def main(argv=None):
+    out = run_example("classification", "stanford-dogs", argv, __doc__)
+    print(out["table"])
+    print("fraction of the clean-minus-noisy accuracy gap recovered at the highest σ:")
+    for route, frac in out["gap_recovered_at_highest_sigma"].items():
+        print(f"  {route:<48}{frac:>8.2f}")
+    print(f"{out['seconds']:.0f} s; wrote {out['args']['out']}/table.json and samples_sigma*.png")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Pretraining of task networks (checkpoints, resume, CLI) and the two examples' --quick runs."""
+import importlib.util
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from recon.tasks import SegmentationLoss
+from recon.tasks.pretrain import build_task_network, load_task_network, pretrain
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = {"kind": "unet", "in_channels": 1, "num_classes": 3, "base_channels": 2, "depth": 1}
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _data(n=12):
+    g = torch.Generator().manual_seed(0)
+    return {"image": torch.rand(n, 1, 8, 8, generator=g), "label": torch.randint(0, 3, (n, 8, 8), generator=g)}
+
+
+def _net():
+    torch.manual_seed(0)
+    return build_task_network(CFG)
+
+
+def test_resumed_pretraining_repeats_the_uninterrupted_run(tmp_path):
+    data, loss = _data(), SegmentationLoss({"ce": 1.0, "dice": 1.0})
+    full = _net()
+    h_full = pretrain(full, data, loss, epochs=3, batch_size=5, progress=False)
+    ck = tmp_path / "ck" / "net.pt"
+    part = _net()
+    pretrain(part, data, loss, epochs=2, batch_size=5, checkpoint=ck, config=CFG, progress=False)
+    resumed = _net()
+    h_res = pretrain(resumed, data, loss, epochs=3, batch_size=5, checkpoint=ck, config=CFG, progress=False)
+    assert h_res["loss"] == pytest.approx(h_full["loss"], rel=1e-5)
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5)
+    assert sorted(os.listdir(ck.parent)) == ["net.pt"]        # no temporary file left behind
+    net, state = load_task_network(ck)
+    assert state["epoch"] == 3 and not net.training
+    assert torch.equal(net.outc.weight, resumed.outc.weight)
+
+
+def test_pretrain_named_errors(tmp_path):
+    data = _data()
+    ck = tmp_path / "net.pt"
+    pretrain(_net(), data, SegmentationLoss(), epochs=1, checkpoint=ck, config=CFG, progress=False)
+    other = dict(CFG, base_channels=4)
+    with pytest.raises(ValueError, match="holds config"):
+        pretrain(build_task_network(other), data, SegmentationLoss(), epochs=2, checkpoint=ck,
+                 config=other, progress=False)
+    with pytest.raises(ValueError, match="same positive number"):
+        pretrain(_net(), {"image": data["image"], "label": data["label"][:3]}, SegmentationLoss(), progress=False)
+    with pytest.raises(ValueError, match="kind"):
+        build_task_network({"kind": "vgg"})
+    torch.save({"something": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a task-network checkpoint"):
+        load_task_network(tmp_path / "other.pt")
+
+
+def test_pretrain_command_line_writes_a_checkpoint_and_resumes(tmp_path, capsys):
+    from recon.tasks.cli import main
+    argv = ["pretrain", "--task", "classification", "--epochs", "1", "--n-train", "32",
+            "--n-test", "16", "--batch-size", "16", "--no-progress", "--out", str(tmp_path / "c.pt")]
+    out = main(argv)
+    assert out["config"]["kind"] == "resnet18" and len(out["loss"]) == 1
+    assert 0.0 <= out["clean_test"]["accuracy"] <= 1.0
+    again = main(argv[:3] + ["--epochs", "2"] + argv[5:])
+    assert len(again["loss"]) == 2 and again["loss"][0] == out["loss"][0]
+    assert '"clean_test"' in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--task", "classification", "--source", "cityscapes", "--out", "x.pt"])
+
+
+def _load(name, rel):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, rel))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("script", ["stanford_dogs", "cityscapes"])
+def test_example_quick_runs_within_a_minute(script, tmp_path, capsys):
+    mod = _load(script, f"examples/{script}.py")
+    t0 = time.perf_counter()
+    out = mod.main(["--quick", "--no-progress", "--threads", "1", "--out", str(tmp_path)])
+    assert time.perf_counter() - t0 < 60
+    rows = out["results"]["0.3"]
+    assert [r["route"] for r in rows][:3] == ["T* on clean", "T* on noisy", "TV, MSE-learned θ"]
+    assert len(rows) == 6 and all("theta" in r for r in rows[2:])
+    saved = json.loads((tmp_path / "table.json").read_text())
+    assert saved["results"]["0.3"][0]["route"] == "T* on clean"
+    assert os.path.getsize(tmp_path / "samples_sigma0.3.png") > 0
+    assert "T* on noisy" in capsys.readouterr().out
