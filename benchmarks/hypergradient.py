@@ -86,6 +86,12 @@ def run(batch_size=32, size=64, repeats=5, unrolled_steps=(20, 100)):
             hg = est(inner, outer, theta, batch, x, tol=per_sample)
             add(label, lambda est=est: est(inner, outer, theta, batch, x, tol=per_sample).theta_grad,
                 hg.cg_iterations)
+            if mode == "closed":  # the bound: CG iterations × one closed-form Hessian product
+                hvp = inner.linearize(x, theta, batch)[0]
+                v = torch.randn_like(x)
+                sec, _ = _timeit(lambda: [hvp(v) for _ in range(hg.cg_iterations)], repeats)
+                rows.append(dict(dtype=name, method="bound: CG it × one closed-form product",
+                                 ms=1e3 * sec, rel_error=math.nan, cg_iterations=hg.cg_iterations))
 
         try:
             import torchopt
