@@ -35,6 +35,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..checkpoint import save_checkpoint
 from . import parallel
@@ -234,8 +235,6 @@ def fit(model: nn.Module, train_data: TensorData, val_data: TensorData | None = 
     Returns:
         :class:`TrainResult`.
     """
-    from tqdm.auto import tqdm  # only the training loop needs it
-
     config = config or TrainConfig()
     _check_fit_inputs(config, train_data, val_data, max_steps)
     out_dir = _prepare_out_dir(out_dir)
@@ -244,28 +243,14 @@ def fit(model: nn.Module, train_data: TensorData, val_data: TensorData | None = 
     n = len(train_data["sinogram"])
     steps_per_epoch = math.ceil(n / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas,
-                                 weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_factor(config.schedule, config.warmup_steps, total_steps))
-    best_path = out_dir / "best.pt" if out_dir else None
-    last_path = out_dir / "last.pt" if out_dir else None
-    result = TrainResult(step=0, epoch=0, best_val_psnr=-math.inf, best_epoch=0,
-                         best_path=best_path, last_path=last_path)
-    torch.manual_seed(config.seed)
-    epoch_losses: list[float] = []
-    meta = dict(metadata or {})
-    if resume:
-        if last_path is None:
-            raise ValueError("`resume`=True needs `out_dir` (the folder of last.pt)")
-        epoch_losses = restore(last_path, model, optimizer, scheduler, result, total_steps,
-                                config, meta)
+    optimizer, scheduler, result, epoch_losses, meta = _start_training(
+        model, config, total_steps, out_dir, resume, metadata)
     net = parallel.wrap_model(model, device)  # DDP under torchrun, else the model itself
 
     def save_last() -> None:
-        if last_path is not None and parallel.is_main():
+        if result.last_path is not None and parallel.is_main():
             save_checkpoint(training_state(model, optimizer, scheduler, result, total_steps,
-                                           config, meta, epoch_losses), last_path)
+                                           config, meta, epoch_losses), result.last_path)
 
     stop = total_steps if max_steps is None else min(total_steps, max_steps)
     bar = tqdm(total=stop, initial=result.step, unit="step",
@@ -302,6 +287,29 @@ def fit(model: nn.Module, train_data: TensorData, val_data: TensorData | None = 
     bar.close()
     parallel.barrier()  # every rank returns once rank 0's checkpoints are on disk
     return result
+
+
+def _start_training(model: nn.Module, config: TrainConfig, total_steps: int,
+                    out_dir: Path | None, resume: bool, metadata: Mapping[str, Any] | None):
+    """Adam, the learning-rate schedule, an empty :class:`TrainResult` and the epoch's losses,
+    restored from ``out_dir/last.pt`` when ``resume``."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas,
+                                 weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_factor(config.schedule, config.warmup_steps, total_steps))
+    best_path = out_dir / "best.pt" if out_dir else None
+    last_path = out_dir / "last.pt" if out_dir else None
+    result = TrainResult(step=0, epoch=0, best_val_psnr=-math.inf, best_epoch=0,
+                         best_path=best_path, last_path=last_path)
+    torch.manual_seed(config.seed)
+    epoch_losses: list[float] = []
+    meta = dict(metadata or {})
+    if resume:
+        if last_path is None:
+            raise ValueError("`resume`=True needs `out_dir` (the folder of last.pt)")
+        epoch_losses = restore(last_path, model, optimizer, scheduler, result, total_steps,
+                                config, meta)
+    return optimizer, scheduler, result, epoch_losses, meta
 
 
 def _lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
