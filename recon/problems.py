@@ -83,6 +83,19 @@ def _tv_linearization(x: Tensor, theta: Theta, n: int):
     return hvp, mixed
 
 
+def _check_scalar_theta_and_data(problem, x: Tensor, theta: Theta, batch: Any) -> Tensor:
+    """The checks both problems share: known θ names, scalar θ values, finite data and ``x``.
+    Returns the observation ``problem._y(batch)``."""
+    check_theta(theta, problem.theta_names)
+    for k, v in theta.items():
+        if v.numel() != 1:
+            raise ValueError(f"theta[{k!r}] must be a scalar tensor, got shape {tuple(v.shape)}")
+    y = problem._y(batch)
+    check_finite(f"batch[{problem.observation_key!r}]", y)
+    check_finite("x", x)
+    return y
+
+
 def _differences_zero_padded(v: Tensor):
     """``(D_h v, D_v v)`` like :func:`forward_differences`, written into two fresh buffers."""
     vh = torch.zeros_like(v)
@@ -129,13 +142,7 @@ class TVDenoising(InnerProblem):
         return x[0].numel()
 
     def check(self, x: Tensor, theta: Theta, batch: Any) -> None:
-        check_theta(theta, self.theta_names)
-        for k, v in theta.items():
-            if v.numel() != 1:
-                raise ValueError(f"theta[{k!r}] must be a scalar tensor, got shape {tuple(v.shape)}")
-        y = self._y(batch)
-        check_finite(f"batch[{self.observation_key!r}]", y)
-        check_finite("x", x)
+        y = _check_scalar_theta_and_data(self, x, theta, batch)
         if x.shape != y.shape:
             raise ValueError(f"x has shape {tuple(x.shape)} but batch[{self.observation_key!r}] "
                              f"has shape {tuple(y.shape)}")
@@ -227,13 +234,7 @@ class VariationalCT(InnerProblem):
         return y
 
     def check(self, x: Tensor, theta: Theta, batch: Any) -> None:
-        check_theta(theta, self.theta_names)
-        for k, v in theta.items():
-            if v.numel() != 1:
-                raise ValueError(f"theta[{k!r}] must be a scalar tensor, got shape {tuple(v.shape)}")
-        y = self._y(batch)
-        check_finite(f"batch[{self.observation_key!r}]", y)
-        check_finite("x", x)
+        y = _check_scalar_theta_and_data(self, x, theta, batch)
         want = (y.shape[0], y.shape[1], *self.operator.domain_shape)
         if tuple(x.shape) != want:
             raise ValueError(f"x has shape {tuple(x.shape)}, expected {want} (batch and channels of "
