@@ -28,7 +28,9 @@ API = [("bilevel", "bilevel"), ("recon.operators", "recon-operators"),
        ("recon.losses", "recon-problems"), ("recon.regularizers", "recon-problems"),
        ("recon.experts", "recon-experts"),
        ("recon.metrics", "recon-metrics"), ("recon.io", "recon-io"),
-       ("recon.checkpoint", "recon-io")]
+       ("recon.checkpoint", "recon-io"), ("recon.tasks", "recon-tasks"),
+       ("recon.joint", "recon-joint"), ("bilevel.distributed", "bilevel-distributed"),
+       ("recon.training.parallel", "recon-training-parallel")]
 
 
 def _png(path: Path) -> bool:
