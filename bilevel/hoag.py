@@ -205,7 +205,8 @@ class HOAG(OuterLoop):
         ``"loss not resolved"`` (and a tighter ``tol_scale``) when the outcome is within the size
         of the corrections (``|ℓ̂⁺ − (ℓ̂_k − c₁⟨g, θ_k − θ⁺⟩)| < |⟨q, r⁺⟩| + |⟨q, r_k⟩|``), they are
         not negligible against the predicted decrease, and the accuracy can still be tightened. When the predicted
-        decrease is below round-off of ``ℓ``, the decrease is measured by the trapezoid rule
+        decrease is below ``1600·eps·|ℓ|`` (``eps`` of the dtype the loss is computed in), the
+        decrease is measured by the trapezoid rule
         ``ℓ(θ⁺) − ℓ(θ_k) ≈ ½⟨g_k + g⁺, θ⁺ − θ_k⟩`` (exact on quadratics) instead; ``g⁺`` is
         returned so an accepted point needs no second evaluation."""
         if not math.isfinite(f_trial):
@@ -222,7 +223,8 @@ class HOAG(OuterLoop):
         if abs(margin) < noise and noise > 0.1 * predicted and eps > floor:  # undecided: resolve
             st.tol_scale *= min(0.5, max(0.01, 0.25 * predicted / noise)) if noise < math.inf else 0.1
             return "loss not resolved", unc, None
-        if predicted > 1e3 * 16 * _EPS * abs(st.loss):
+        loss_eps = getattr(self, "_loss_eps", _EPS)  # precision of ℓ as computed (float32 nets)
+        if predicted > 1e2 * 16 * loss_eps * abs(st.loss):
             ok = f_hat <= st.closs - predicted
             return (None if ok else "insufficient decrease"), unc, None
         hg, why = self._trial_hypergradient(st, trial, x, batch, eps)  # round-off regime: trapezoid

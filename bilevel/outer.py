@@ -300,6 +300,8 @@ class OuterLoop:
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
             raise ValueError(f"outer loss must return a scalar tensor, got {shape}")
+        # the loss's own precision (a float32 task network on float64 images: float32)
+        self._loss_eps = torch.finfo(loss.dtype).eps if loss.is_floating_point() else 2.2e-16
         return dist_.all_reduce(float(loss), "sum")
 
     def _note_accepted(self, st: LoopState, loss: float) -> None:
