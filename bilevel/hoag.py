@@ -37,7 +37,7 @@ size, or is not finite at an accepted point.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace as dataclasses_replace
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Union
 
 import torch
@@ -144,9 +144,12 @@ class HOAG(OuterLoop):
         self.xtol = check_tolerance("xtol", xtol, allow_zero=True)
 
     # ----- accuracies -------------------------------------------------------------------------
+    def _eps_floor(self, dtype: torch.dtype) -> float:
+        """``tol_min``, or its dtype default (``1e-10`` in float64, ``1e-5`` otherwise)."""
+        return self.tol_min if self.tol_min is not None else (1e-10 if dtype == torch.float64 else 1e-5)
+
     def _eps(self, st: HOAGState, dtype: torch.dtype) -> float:
-        floor = self.tol_min if self.tol_min is not None else (1e-10 if dtype == torch.float64 else 1e-5)
-        return max(self.schedule(st.k) * st.tol_scale, floor)
+        return max(self.schedule(st.k) * st.tol_scale, self._eps_floor(dtype))
 
     def _start(self, theta: Theta, batch: Any, x0: Optional[Tensor]) -> HOAGState:
         x_init = self.inner.init(theta, batch)
@@ -219,7 +222,7 @@ class HOAG(OuterLoop):
         if st.q is None and sol.max_iterations == 0:  # no adjoint, and x did not move at all
             noise = math.inf
         margin = f_hat - (st.closs - predicted)  # ≤ 0: the test passes
-        floor = self._eps(dataclasses_replace(st, tol_scale=0.0), dtype)
+        floor = self._eps_floor(dtype)
         if abs(margin) < noise and noise > 0.1 * predicted and eps > floor:  # undecided: resolve
             st.tol_scale *= min(0.5, max(0.01, 0.25 * predicted / noise)) if noise < math.inf else 0.1
             return "loss not resolved", unc, None

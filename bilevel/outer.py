@@ -26,7 +26,7 @@ from . import distributed as dist_
 from .history import History, Result, check_writable
 from .linalg import NonPositiveCurvatureError
 from .problem import (Bounds, HypergradientEstimator, InnerProblem, OuterLoss, Theta, check_theta,
-                      project, theta_floats, validate_inner)
+                      project, validate_inner)
 from .solvers import SolveResult, solve_inner
 
 __all__ = ["LoopState", "OuterLoop", "batch_fingerprint"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Optional
 
-import torch
 from torch import Tensor, nn
 
 from bilevel.problem import OuterLoss, Theta
