@@ -16,16 +16,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recon.tasks.example import run_example  # noqa: E402
+from recon.tasks.example import run_example, summary_text  # noqa: E402
 
 
 def main(argv=None):
     out = run_example("classification", "stanford-dogs", argv, __doc__)
-    print(out["table"])
-    print("fraction of the clean-minus-noisy accuracy gap recovered at the highest σ:")
-    for route, frac in out["gap_recovered_at_highest_sigma"].items():
-        print(f"  {route:<48}{frac:>8.2f}")
-    print(f"{out['seconds']:.0f} s; wrote {out['args']['out']}/table.json and samples_sigma*.png")
+    print(summary_text(out, "accuracy"))
     return out
 
 

@@ -95,6 +95,15 @@ def format_table(results: Dict[str, List[Dict[str, Any]]], metrics: Sequence[str
     return "\n".join(lines)
 
 
+def summary_text(out: Dict[str, Any], metric: str) -> str:
+    """An example's table, the fraction of the clean-minus-noisy ``metric`` gap each route
+    recovers at the highest σ, and where the results were written (text to print)."""
+    lines = [out["table"], f"fraction of the clean-minus-noisy {metric} gap recovered at the highest σ:"]
+    lines += [f"  {route:<48}{frac:>8.2f}" for route, frac in out["gap_recovered_at_highest_sigma"].items()]
+    lines.append(f"{out['seconds']:.0f} s; wrote {out['args']['out']}/table.json and samples_sigma*.png")
+    return "\n".join(lines)
+
+
 def run_example(task: str, source: str, argv: Optional[Sequence[str]] = None,
                 doc: str = "") -> Dict[str, Any]:
     """Run one example end to end (module docstring); returns the JSON-ready result dict."""
