@@ -3,12 +3,13 @@
 ``x̂(θ) = argmin_x Φ(x; θ)`` (per sample) and ``min_θ ℓ(x̂(θ), θ)``; plug in an
 :class:`InnerProblem` and an :class:`OuterLoss`, pick a hypergradient estimator
 (:class:`ImplicitCG`, :class:`Unrolled`, :class:`AdaptiveInexact`) and an outer loop
-(:class:`HOAG`, :class:`MAID`).
+(:class:`QuasiNewton`, the default; :class:`HOAG`, :class:`MAID`).
 """
 from .history import History, Result, tolerance_schedule
 from .hoag import HOAG
 from .adaptive import AdaptiveInexact
 from .maid import MAID
+from .quasi_newton import QuasiNewton
 from .hypergrad import ImplicitCG, Unrolled
 from .implicit import implicit_vjp
 from .linalg import NonPositiveCurvatureError, batched_cg
@@ -17,7 +18,7 @@ from .problem import (Bounds, ErrorBound, Hypergradient, HypergradientEstimator,
 from .solvers import SolveResult, solve_inner
 
 __all__ = [
-    "HOAG", "MAID", "ImplicitCG", "Unrolled", "AdaptiveInexact", "InnerProblem", "OuterLoss",
+    "HOAG", "MAID", "QuasiNewton", "ImplicitCG", "Unrolled", "AdaptiveInexact", "InnerProblem", "OuterLoss",
     "HypergradientEstimator", "Hypergradient", "ErrorBound", "Result", "History", "Bounds",
     "SolveResult", "solve_inner", "batched_cg", "implicit_vjp", "tolerance_schedule",
     "NonPositiveCurvatureError",

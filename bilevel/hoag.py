@@ -236,15 +236,6 @@ class HOAG(OuterLoop):
         change = -0.5 * (theta_dot(st.grad, step) + theta_dot(hg.theta_grad, step))
         return (None if change <= -predicted else "insufficient decrease"), unc, hg
 
-    def _corrected(self, x: Tensor, theta: Theta, batch: Any, loss: float,
-                   q: Optional[Tensor]) -> tuple:
-        """``(ℓ(x̃) − ⟨q, ∇ₓΦ(x̃; θ)⟩, |⟨q, ∇ₓΦ(x̃; θ)⟩|)``: the dual-weighted value of ``ℓ(x̂)``
-        and the size of the correction (``(ℓ, 0)`` for estimators without an adjoint)."""
-        if dist_.all_reduce(q is None or q.shape != x.shape, "max"):
-            return loss, 0.0
-        corr = dist_.all_reduce(float((q.double() * self.inner.grad(x, theta, batch).double()).sum()))
-        return loss - corr, abs(corr)
-
     def _evaluate(self, st: HOAGState, batch: Any, eps: float, solved: bool = False) -> Dict[str, Any]:
         """Solve at the accepted ``st.theta`` (unless ``solved``) and compute its hypergradient."""
         n_inner, inner_ok = 0, True
@@ -262,22 +253,6 @@ class HOAG(OuterLoop):
         hg = self._hypergradient(st, st.theta, st.x, batch, eps)
         self._install(st, hg, batch)
         return self._accepted_record(st, hg, eps, n_inner, inner_ok)
-
-    def _hypergradient(self, st: HOAGState, theta: Theta, x: Tensor, batch: Any, eps: float):
-        hg = self.estimator(self.inner, self.outer, theta, batch, x, eps, relative=True)
-        st.cost += hg.cg_iterations + hg.extra_inner_steps
-        if not hg.cg_converged:
-            self._warn_once(st, "cg", f"CG hit its iteration cap before tolerance {eps:.2e} "
-                                      f"(relative); flagged in History as cg_converged=False")
-        return hg
-
-    def _trial_hypergradient(self, st: HOAGState, theta: Theta, x: Tensor, batch: Any, eps: float):
-        """The hypergradient at a trial point, or ``(None, reason)`` where the inner Hessian is
-        not positive definite there (the trial left the region where the problem is well posed)."""
-        try:
-            return self._hypergradient(st, theta, x, batch, eps), None
-        except (NonPositiveCurvatureError, FloatingPointError) as exc:
-            return None, f"inner problem ill-posed at the trial ({str(exc)[:80]})"
 
     def _install(self, st: HOAGState, hg, batch: Any) -> None:
         """Make ``hg`` (computed at ``st.theta``, ``st.x``) the accepted point's values."""

@@ -75,14 +75,20 @@ def batched_cg(matvec: Callable[[Tensor], Tensor], b: Tensor, x0: Optional[Tenso
     Raises :class:`NonPositiveCurvatureError` when ``pᵀAp ≤ 0`` for a sample still iterating.
     """
     if isinstance(tol, Tensor):
-        if tol.shape != b.shape[:1] or bool((tol < 0).any()) or not bool(torch.isfinite(tol).all()):
-            raise ValueError(f"tol tensor must be finite, ≥ 0 and of shape {tuple(b.shape[:1])}, "
+        if tol.shape != b.shape[:1] or bool((tol < 0).any()):
+            raise ValueError(f"tol tensor must be ≥ 0 and of shape {tuple(b.shape[:1])}, "
                              f"got shape {tuple(tol.shape)}")
+        if not bool(torch.isfinite(tol).all()):
+            raise FloatingPointError(f"CG tolerance is not finite ({int((~torch.isfinite(tol)).sum())} "
+                                     f"sample(s)): the right-hand side b holds non-finite values")
     else:
         tol = check_tolerance("tol", tol, allow_zero=True)
     rtol = check_tolerance("rtol", rtol, allow_zero=True)
     if max_iter < 0:
         raise ValueError(f"max_iter must be ≥ 0, got {max_iter}")
+    if not bool(torch.isfinite(b).all()):
+        raise FloatingPointError(f"CG right-hand side b holds {int((~torch.isfinite(b)).sum())} "
+                                 f"non-finite value(s), shape {tuple(b.shape)}")
     bsz = b.shape[0]
     x = torch.zeros_like(b) if x0 is None else x0.detach().clone()
     if x.shape != b.shape:

@@ -304,6 +304,31 @@ class OuterLoop:
         self._loss_eps = torch.finfo(loss.dtype).eps if loss.is_floating_point() else 2.2e-16
         return dist_.all_reduce(float(loss), "sum")
 
+    def _corrected(self, x: Tensor, theta: Theta, batch: Any, loss: float,
+                   q: Optional[Tensor]) -> tuple:
+        """``(ℓ(x̃) − ⟨q, ∇ₓΦ(x̃; θ)⟩, |⟨q, ∇ₓΦ(x̃; θ)⟩|)``: the dual-weighted value of ``ℓ(x̂)``
+        and the size of the correction (``(ℓ, 0)`` for estimators without an adjoint)."""
+        if dist_.all_reduce(q is None or q.shape != x.shape, "max"):
+            return loss, 0.0
+        corr = dist_.all_reduce(float((q.double() * self.inner.grad(x, theta, batch).double()).sum()))
+        return loss - corr, abs(corr)
+
+    def _hypergradient(self, st: LoopState, theta: Theta, x: Tensor, batch: Any, eps: float):
+        hg = self.estimator(self.inner, self.outer, theta, batch, x, eps, relative=True)
+        st.cost += hg.cg_iterations + hg.extra_inner_steps
+        if not hg.cg_converged:
+            self._warn_once(st, "cg", f"CG hit its iteration cap before tolerance {eps:.2e} "
+                                      f"(relative); flagged in History as cg_converged=False")
+        return hg
+
+    def _trial_hypergradient(self, st: LoopState, theta: Theta, x: Tensor, batch: Any, eps: float):
+        """The hypergradient at a trial point, or ``(None, reason)`` where the inner Hessian is
+        not positive definite there (the trial left the region where the problem is well posed)."""
+        try:
+            return self._hypergradient(st, theta, x, batch, eps), None
+        except (NonPositiveCurvatureError, FloatingPointError) as exc:
+            return None, f"inner problem ill-posed at the trial ({str(exc)[:80]})"
+
     def _note_accepted(self, st: LoopState, loss: float) -> None:
         """Keep ``st.theta`` as the best iterate when its upper loss is the lowest so far."""
         if math.isfinite(loss) and loss < st.best_loss:
