@@ -28,9 +28,11 @@ tighter accuracy. On a quadratic, ``c₁ = ½`` accepts only ``α ≤ 1/h``: the
 optimum monotonically and stay there. The first step is ``α₀ = 1/‖g₀‖`` (a move of length 1)
 unless ``step_size`` is given.
 
-Stopping (``success=True``): ``‖G(g_k)‖ ≤ gtol·‖G(g_0)‖`` (``G`` the projected-gradient
+Stopping (``success=True``, only after ``θ_k`` was re-evaluated at the confirmation accuracy
+``max(tol_min, 10⁻²·gtol)``): ``‖G(g_k)‖ ≤ gtol·‖G(g_0)‖`` (``G`` the projected-gradient
 mapping; ``= g`` without bounds), or the next proposed move is below
-``xtol·(1 + ‖θ_k‖)`` after a failed decrease test (nothing measurable is left to gain). The run
+``xtol·(1 + ‖θ_k‖)`` after a failed decrease test and ``‖G(g_k)‖ ≤ floor_gtol·‖G(g_0)‖``
+(nothing measurable is left to gain). The run
 fails (``success=False``, with a warning) when the inner problem fails at every step down to that
 size, or is not finite at an accepted point.
 """
@@ -77,6 +79,9 @@ class HOAGState(LoopState):
     q: Optional[Tensor] = None
     closs: float = math.nan
     unc: float = 0.0
+    grad_eps: float = math.inf
+    eps_cap: Optional[float] = None
+    grad_ok: bool = True
 
 
 class HOAG(OuterLoop):
@@ -93,7 +98,11 @@ class HOAG(OuterLoop):
     max_iter: outer iterations (trials, accepted or not).
     step_size: initial step ``α₀``; ``None`` uses ``1/‖g₀‖``.
     c1, grow, shrink: the sufficient-decrease constant and the step factors.
-    gtol, xtol: the stopping tolerances (relative; ``0`` disables each).
+    gtol, xtol: the stopping tolerances (relative; ``0`` disables each). A stop on ``gtol`` is
+        claimed only after ``θ_k`` was re-evaluated at the relative accuracy
+        ``max(tol_min, 10⁻²·gtol)``; floor_gtol: the looser test a stop on ``xtol`` ("no
+        measurable decrease left") must pass there.
+    max_move: cap of one step, ``‖αg‖_∞ ≤ max_move·max(1, ‖θ‖_∞)``.
     bounds: :class:`~bilevel.Bounds` on θ.
     inner_method, inner_max_iter: generic inner solver and its cap when the problem has no own.
     param_optimizer: a ``torch.optim`` optimiser over ``outer.trainable_parameters()`` (e.g.
@@ -118,6 +127,7 @@ class HOAG(OuterLoop):
                  tol_rate: float = 0.9, tol_min: Optional[float] = None, max_iter: int = 100,
                  step_size: Optional[float] = None, c1: float = 0.5, grow: float = 1.2,
                  shrink: float = 0.5, gtol: float = 1e-6, xtol: float = 1e-8,
+                 floor_gtol: float = 1e-3, max_move: float = 2.0,
                  bounds: Optional[Bounds] = None, inner_method: str = "newton-cg",
                  inner_max_iter: Optional[int] = None,
                  param_optimizer: Optional[torch.optim.Optimizer] = None,
@@ -130,7 +140,12 @@ class HOAG(OuterLoop):
                          inner_method=inner_method, inner_max_iter=inner_max_iter,
                          param_optimizer=param_optimizer, callback=callback, progress=progress,
                          checkpoint=checkpoint)
-        self.schedule = tolerance_schedule(tolerance, check_tolerance("tol0", tol0), tol_rate, 0.0)
+        tol0 = check_tolerance("tol0", tol0)
+        if not tol0 < 1:
+            raise ValueError(f"tol0 is a relative accuracy and must lie in (0, 1), got {tol0!r} "
+                             f"(≥ 1 lets CG stop at q = 0 and the hypergradient vanish)")
+        self.schedule = tolerance_schedule(tolerance, tol0, tol_rate, 0.0)
+        self.max_move = check_tolerance("max_move", max_move)
         self.tol_min = None if tol_min is None else check_tolerance("tol_min", tol_min)
         self.step_size = None if step_size is None else check_tolerance("step_size", step_size)
         self.c1 = check_tolerance("c1", c1)
@@ -142,6 +157,7 @@ class HOAG(OuterLoop):
             raise ValueError(f"need grow ≥ 1 and 0 < shrink < 1, got grow={grow!r}, shrink={shrink!r}")
         self.gtol = check_tolerance("gtol", gtol, allow_zero=True)
         self.xtol = check_tolerance("xtol", xtol, allow_zero=True)
+        self.floor_gtol = check_tolerance("floor_gtol", floor_gtol, allow_zero=True)
 
     # ----- accuracies -------------------------------------------------------------------------
     def _eps_floor(self, dtype: torch.dtype) -> float:
@@ -149,7 +165,12 @@ class HOAG(OuterLoop):
         return self.tol_min if self.tol_min is not None else (1e-10 if dtype == torch.float64 else 1e-5)
 
     def _eps(self, st: HOAGState, dtype: torch.dtype) -> float:
-        return max(self.schedule(st.k) * st.tol_scale, self._eps_floor(dtype))
+        eps = max(self.schedule(st.k) * st.tol_scale, self._eps_floor(dtype))
+        return eps if st.eps_cap is None else min(eps, st.eps_cap)
+
+    def _confirm_eps(self, dtype: torch.dtype) -> float:
+        """The accuracy a stop is confirmed at: ``max(ε_min, 10⁻²·gtol)``."""
+        return max(self._eps_floor(dtype), 1e-2 * self.gtol)
 
     def _start(self, theta: Theta, batch: Any, x0: Optional[Tensor]) -> HOAGState:
         x_init = self.inner.init(theta, batch)
@@ -165,9 +186,9 @@ class HOAG(OuterLoop):
         eps = self._eps(st, dtype)
         if st.grad is None:  # first iteration (or a resume): evaluate at the accepted point
             rec = self._evaluate(st, batch, eps)
-            self._check_stop(st)
+            self._check_stop(st, batch)
             return rec
-        alpha = st.step
+        alpha = self._capped(st)
         trial = project(theta_axpy(-alpha, st.grad, st.theta), self.bounds)
         st.last_theta = trial
         sol, reason = self._solve(st, trial, batch, eps * st.inner_ref, st.x)
@@ -184,6 +205,7 @@ class HOAG(OuterLoop):
         if reason is None:
             st.theta, st.x = trial, sol.x
             self._install(st, hg, batch)
+            st.grad_eps, st.grad_ok = eps, sol.all_converged and hg.cg_converged
             rec = self._accepted_record(st, hg, eps, 0, True)
             st.step = alpha if st.rejected_last else alpha * self.grow
             st.rejected_last, st.last_failure = False, None
@@ -198,8 +220,15 @@ class HOAG(OuterLoop):
             st.step, st.rejected_last, st.last_failure = alpha * self.shrink, True, reason
             rec = dict(base, grad_norm=st.gnorm, cg_iterations=0, cg_converged=None,
                        accepted=False, reason=reason)
-        self._check_stop(st)
+        self._check_stop(st, batch)
         return rec
+
+    def _capped(self, st: HOAGState) -> float:
+        """``α`` such that ``‖αg‖_∞ ≤ max_move·max(1, ‖θ‖_∞)`` (the step size is not changed)."""
+        gmax = max(float(v.detach().abs().max()) for v in st.grad.values())
+        tmax = max(float(v.detach().abs().max()) for v in st.theta.values())
+        cap = self.max_move * max(1.0, tmax)
+        return min(st.step, cap / gmax) if gmax > 0 else st.step
 
     def _decrease_test(self, st: HOAGState, sol, trial: Theta, batch: Any, f_trial: float,
                        eps: float, dtype) -> tuple:
@@ -250,8 +279,15 @@ class HOAG(OuterLoop):
             if reason is not None:
                 self._warn_once(st, "inner", reason + "; flagged in History as inner_converged=False")
             st.x, n_inner, inner_ok = sol.x, sol.max_iterations, reason is None
-        hg = self._hypergradient(st, st.theta, st.x, batch, eps)
+        hg, why = self._trial_hypergradient(st, st.theta, st.x, batch, eps)
+        if why is not None:
+            st.message = f"the hypergradient fails at the accepted θ = {theta_floats(st.theta)}: {why}"
+            return dict(upper_loss=math.nan, grad_norm=math.nan, tol=eps, inner_tol=eps * st.inner_ref,
+                        inner_iterations=n_inner, cg_iterations=0, step_size=st.step, accepted=False,
+                        reason=why, inner_converged=inner_ok, cg_converged=False,
+                        theta=theta_floats(st.theta))
         self._install(st, hg, batch)
+        st.grad_eps, st.grad_ok = eps, inner_ok and hg.cg_converged
         return self._accepted_record(st, hg, eps, n_inner, inner_ok)
 
     def _install(self, st: HOAGState, hg, batch: Any) -> None:
@@ -266,7 +302,7 @@ class HOAG(OuterLoop):
                           f"θ = {theta_floats(st.theta)}")
         else:
             self._note_accepted(st, st.loss)
-            if st.g0 is None:
+            if st.g0 is None or st.g0 == 0.0:
                 st.g0 = st.gnorm
             if st.step is None and st.gnorm > 0:
                 st.step = 1.0 / theta_norm(st.grad)
@@ -284,23 +320,52 @@ class HOAG(OuterLoop):
             return theta_norm(st.grad)
         return theta_distance(project(theta_axpy(-1.0, st.grad, st.theta), self.bounds), st.theta)
 
-    def _check_stop(self, st: HOAGState) -> None:
+    def _check_stop(self, st: HOAGState, batch: Any) -> None:
         if st.message is not None:
             return
         if st.gnorm == 0.0 or (self.gtol > 0 and st.gnorm <= self.gtol * st.g0):
-            st.success = True
-            st.message = (f"converged: projected hypergradient norm {st.gnorm:.3e} ≤ gtol·‖G(g₀)‖ "
-                          f"= {self.gtol * st.g0:.3e}")
+            if self._confirmed(st, batch):
+                if st.gnorm == 0.0 or st.gnorm <= self.gtol * st.g0:
+                    st.success = True
+                    st.message = (f"converged: projected hypergradient norm {st.gnorm:.3e} ≤ "
+                                  f"gtol·‖G(g₀)‖ = {self.gtol * st.g0:.3e}, confirmed at relative "
+                                  f"accuracy {st.grad_eps:.1e}")
             return
         if not st.rejected_last or self.xtol == 0:
             return
-        move = theta_distance(project(theta_axpy(-st.step, st.grad, st.theta), self.bounds), st.theta)
+        move = theta_distance(project(theta_axpy(-self._capped(st), st.grad, st.theta), self.bounds),
+                              st.theta)
         if move > self.xtol * (1.0 + theta_norm(st.theta)):
             return
-        if st.last_failure == "insufficient decrease":
-            st.success = True
-            st.message = (f"converged: no measurable decrease left (next move {move:.2e} ≤ "
-                          f"xtol·(1 + ‖θ‖)); projected hypergradient norm {st.gnorm:.3e}")
-        else:
+        if st.last_failure != "insufficient decrease":
             st.message = (f"cannot recover: every step down to length {move:.2e} was rejected; "
                           f"last reason: {st.last_failure}")
+        elif self._confirmed(st, batch) and st.message is None:
+            if st.gnorm <= self.floor_gtol * st.g0:
+                st.success = True
+                st.message = (f"converged: no measurable decrease left (next move {move:.2e} ≤ "
+                              f"xtol·(1 + ‖θ‖)); projected hypergradient norm {st.gnorm:.3e} ≤ "
+                              f"floor_gtol·‖G(g₀)‖, confirmed at relative accuracy {st.grad_eps:.1e}")
+            else:
+                st.message = (f"no decrease found: every step down to length {move:.2e} failed the "
+                              f"decrease test at relative accuracy {st.grad_eps:.1e}, projected "
+                              f"hypergradient norm {st.gnorm:.3e} > floor_gtol·‖G(g₀)‖")
+
+    def _confirmed(self, st: HOAGState, batch: Any) -> bool:
+        """Whether ``st.grad`` is (now) accurate enough to claim a stop: re-evaluates ``θ_k`` at
+        the confirmation accuracy when it was computed at a looser one; ``False`` (and a message
+        when nothing more can be done) otherwise."""
+        dtype = st.x.dtype if st.x is not None else next(iter(st.theta.values())).dtype
+        target = self._confirm_eps(dtype)
+        if st.grad_eps <= target * (1 + 1e-12):
+            if not st.grad_ok:
+                st.message = ("cannot confirm stationarity: the inner solve or CG did not reach "
+                              "the confirmation accuracy (raise inner_max_iter / the estimator's "
+                              "max_iter)")
+                return False
+            return True
+        st.eps_cap = target
+        self._evaluate(st, batch, target)
+        if st.message is None and st.g0 == 0.0:
+            st.g0 = st.gnorm
+        return st.message is None and st.grad_eps <= target * (1 + 1e-12) and st.grad_ok

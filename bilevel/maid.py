@@ -197,8 +197,8 @@ class MAID(OuterLoop):
         self.mu = mu if mu is not None else estimator.mu
         self.eps0 = None if eps0 is None else check_tolerance("eps0", eps0)
         self.delta0 = None if delta0 is None else check_tolerance("delta0", delta0)
-        self.eps_rel = check_tolerance("eps_rel", eps_rel)
-        self.delta_rel = check_tolerance("delta_rel", delta_rel)
+        self.eps_rel = _unit_interval("eps_rel", eps_rel)
+        self.delta_rel = _unit_interval("delta_rel", delta_rel)
         self.eps_min = check_tolerance("eps_min", eps_min)
         self.step_size = None if step_size is None else check_tolerance("step_size", step_size)
         self.eta = _unit_interval("eta", eta)
@@ -298,9 +298,13 @@ class MAID(OuterLoop):
     def _initial_evaluation(self, st: MAIDState, batch: Any) -> None:
         st.sol = self._maid_solve(st, st.theta, batch, st.eps, st.x)
         st.x, st.sol_eps = st.sol.x, st.eps
+        _, gx0, _, _ = outer_gradients(self.outer, st.x, st.theta, batch)
+        gmax = dist_.all_reduce(float(batch_norm(gx0).max()), "max")
         if st.delta is None:
-            _, gx0, _, _ = outer_gradients(self.outer, st.x, st.theta, batch)
-            gmax = dist_.all_reduce(float(batch_norm(gx0).max()), "max")
+            st.delta = max(self.delta_rel * gmax, 1e-300)
+        elif st.delta >= gmax > 0:  # CG would stop at q = 0 and certify nothing
+            self._warn_once(st, "delta0", f"delta0 = {st.delta:.3e} ≥ max‖∇ₓℓ‖ = {gmax:.3e} lets CG "
+                                          f"stop at q = 0; using delta_rel·max‖∇ₓℓ‖ instead")
             st.delta = max(self.delta_rel * gmax, 1e-300)
         st.hg, st.hg_delta = self._maid_evaluate(st, st.theta, batch, st.sol, True), st.delta
 
@@ -328,7 +332,7 @@ class MAID(OuterLoop):
             pnorm = self._gradient_mapping_norm(st.theta, hg.theta_grad, st.beta)
             target = (1 - self.eta) * pnorm
             loss_ok = hg.bound.loss <= self.c1 * st.beta * pnorm ** 2
-            if (omega <= target and loss_ok) or pnorm == 0.0 or (
+            if (omega <= target and loss_ok) or pnorm + omega == 0.0 or (
                     st.g0 is not None and pnorm + omega <= self.gtol * st.g0):
                 return tightenings, False, pnorm
             if st.eps <= st.eps_floor or tightenings >= self.max_tighten:
@@ -360,7 +364,7 @@ class MAID(OuterLoop):
         if not _finite(hg.loss, pnorm, omega):
             st.message = (f"non-finite upper loss {hg.loss}, projected hypergradient norm {pnorm} "
                           f"or error bound {omega} at iteration {st.k}")
-        elif pnorm == 0.0 or cert <= self.gtol * st.g0:
+        elif cert == 0.0 or (st.g0 > 0 and cert <= self.gtol * st.g0):
             st.success = True
             st.message = (f"certified stationarity: ‖G(∇ℓ)‖ ≤ ‖G(z)‖ + ω = {cert:.3e} ≤ "
                           f"gtol·‖G(z₀)‖ = {self.gtol * st.g0:.3e}")
@@ -373,7 +377,7 @@ class MAID(OuterLoop):
         return st.message is not None
 
     def _floor_verdict(self, st: MAIDState, cert: float, why: str) -> None:
-        st.success = cert <= self.floor_gtol * st.g0
+        st.success = cert == 0.0 or (st.g0 > 0 and cert <= self.floor_gtol * st.g0)
         verdict = ("certified stationarity at the accuracy floor" if st.success
                    else "no certified decrease at the accuracy floor")
         st.message = (f"{verdict} (eps = {st.eps:.2e}, delta = {st.delta:.2e}): {why}; "

@@ -115,6 +115,7 @@ class QuasiNewtonState(LoopState):
     ls_reasons: List[str] = field(default_factory=list)
     reset_at_floor: bool = False
     skipped: int = 0
+    last_move: float = 0.0
     inner_ok: bool = True
     cg_ok: bool = True
 
@@ -203,7 +204,7 @@ class QuasiNewton(OuterLoop):
 
     def __init__(self, inner: InnerProblem, outer: OuterLoss,
                  estimator: Optional[HypergradientEstimator] = None, *, memory: int = 10,
-                 tol0: float = 0.1, tol_min: Optional[float] = None, max_iter: int = 100,
+                 tol0: float = 0.1, tol_rate: float = 0.1, tol_min: Optional[float] = None, max_iter: int = 100,
                  max_move: float = 2.0, c1: float = 1e-4, gtol: float = 1e-6,
                  floor_gtol: float = 1e-3, xtol: float = 1e-10, bounds: Optional[Bounds] = None,
                  inner_method: str = "newton-cg", inner_max_iter: Optional[int] = None,
@@ -221,6 +222,7 @@ class QuasiNewton(OuterLoop):
             raise ValueError(f"memory must be a positive int, got {memory!r}")
         self.memory = memory
         self.tol0 = _unit("tol0", tol0)
+        self.tol_rate = _unit("tol_rate", tol_rate)
         self.tol_min = None if tol_min is None else _unit("tol_min", tol_min)
         self.max_move = check_tolerance("max_move", max_move)
         self.c1 = _unit("c1", c1)
@@ -279,7 +281,8 @@ class QuasiNewton(OuterLoop):
         if reason is None and hg is None:
             hg, reason = self._trial_hypergradient(st, trial, sol.x, batch, eps)
         if reason is None:
-            self._accept(st, flat, trial, sol.x, hg, batch, eps)
+            self._accept(st, flat, trial, sol.x, hg, batch, eps,
+                         stale=sol.max_iterations == 0 or hg.cg_iterations == 0)
             rec.update(grad_norm=st.gnorm, cg_iterations=hg.cg_iterations,
                        cg_converged=hg.cg_converged, accepted=True, reason=None)
             if st.message is None:
@@ -301,17 +304,18 @@ class QuasiNewton(OuterLoop):
         active = ((th <= flat.lower + eps_a) & (g > 0)) | ((th >= flat.upper - eps_a) & (g < 0))
         free = (~active).double()
         gmax = float(g.abs().max())
+        first = max(1.0, 2.0 * st.last_move)  # no curvature known: double the last move
         if st.s_mem:
             s, y = st.s_mem[-1], st.y_mem[-1]
             gamma = float(s @ y) / float(y @ y)
         else:
-            gamma = 1.0 / gmax if gmax > 0 else 1.0
+            gamma = first / gmax if gmax > 0 else 1.0
         kind = "lbfgs" if st.s_mem else "gradient"
         d = -lbfgs_two_loop(g * free, [s * free for s in st.s_mem],
                             [y * free for y in st.y_mem], gamma) - gamma * g * (1 - free)
         if not (bool(torch.isfinite(d).all()) and float(g @ d) < 0):
             st.s_mem, st.y_mem = [], []
-            gamma = 1.0 / gmax if gmax > 0 else 1.0
+            gamma = first / gmax if gmax > 0 else 1.0
             d, kind = -gamma * g, "gradient"
         cap = self.max_move * max(1.0, float(th.abs().max()))
         dmax = float(d.abs().max())
@@ -344,7 +348,7 @@ class QuasiNewton(OuterLoop):
 
     # ----- accepted / rejected trials ---------------------------------------------------------
     def _accept(self, st: QuasiNewtonState, flat: _Flat, trial: Theta, x: Tensor, hg,
-                batch: Any, eps: float) -> None:
+                batch: Any, eps: float, stale: bool = False) -> None:
         s = flat.vec(trial) - flat.vec(st.theta)
         y = flat.vec(hg.theta_grad) - flat.vec(st.grad)
         sy, ns, ny = float(s @ y), float(s.norm()), float(y.norm())
@@ -354,11 +358,15 @@ class QuasiNewton(OuterLoop):
             del st.s_mem[:-self.memory], st.y_mem[:-self.memory]
         else:
             st.skipped += 1
+        st.last_move = float(s.abs().max()) if not st.s_mem else 0.0
         st.theta, st.x = trial, x
         self._install(st, hg, batch, eps, inner_ok=True)
         st.direction, st.ls_reasons, st.reset_at_floor = None, [], False
         if st.message is None and st.g0:
-            st.eps = max(self._floor(st), min(st.eps, self.tol0 * (st.gnorm / st.g0) ** 2))
+            # a trial that cost no inner or CG iteration told nothing new: tighten anyway
+            rate = self.tol_rate if stale else 1.0
+            target = self.tol0 * (st.gnorm / st.g0) ** 2
+            st.eps = max(self._floor(st), min(rate * st.eps, target))
 
     def _reject(self, st: QuasiNewtonState, flat: _Flat, reason: str, step: Tensor,
                 f_trial: float) -> None:

@@ -33,13 +33,16 @@ class SumSquaredError(torch.nn.Module):
 
 
 def make_solver(method: str, loss: str = "mean", **kw):
-    from bilevel import HOAG, MAID
+    from bilevel import HOAG, MAID, QuasiNewton
     from recon.losses import MSEToTarget
     from recon.problems import TVDenoising
     outer = MSEToTarget() if loss == "mean" else SumSquaredError()
     if method == "HOAG":
         kw = {"max_iter": 8, **kw}
         return HOAG(TVDenoising(), outer, gtol=0, xtol=0, **kw)
+    if method == "QuasiNewton":
+        kw = {"max_iter": 8, **kw}
+        return QuasiNewton(TVDenoising(), outer, gtol=0, **kw)
     kw = {"max_iter": 6, **kw}
     return MAID(TVDenoising(), outer, gtol=0, **kw)
 

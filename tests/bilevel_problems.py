@@ -151,6 +151,6 @@ def ridge_optimum(inner: RidgeInner, outer: RidgeOuter, batch) -> float:
         with torch.no_grad():
             return float(outer(inner.closed_form(float(np.exp(log_lam)), batch), {}, batch))
 
-    res = minimize_scalar(f, bounds=(-14.0, 12.0), method="bounded",
+    res = minimize_scalar(f, bounds=(-40.0, 40.0), method="bounded",
                           options={"xatol": 1e-12, "maxiter": 500})
     return float(np.exp(res.x))

@@ -27,7 +27,8 @@ def _spawn(tmp_path, method: str, mode: str = "ok", world: int = 2) -> list:
 
 
 @pytest.mark.parametrize("method,mode", [("HOAG", "ok"), ("MAID", "ok"), ("HOAG", "sum"),
-                                         ("MAID", "resume")])
+                                         ("MAID", "resume"), ("QuasiNewton", "ok"),
+                                         ("QuasiNewton", "resume")])
 def test_two_processes_follow_the_one_process_trajectory(tmp_path, method, mode):
     torch.set_num_threads(1)
     batch, theta0 = W.tv_problem()
