@@ -14,12 +14,13 @@ from .hypergrad import ImplicitCG, Unrolled
 from .implicit import implicit_vjp
 from .linalg import NonPositiveCurvatureError, batched_cg
 from .problem import (Bounds, ErrorBound, Hypergradient, HypergradientEstimator, InnerProblem,
-                      OuterLoss)
+                      OuterLoss, TaskOperator)
 from .solvers import SolveResult, solve_inner
 
 __all__ = [
-    "HOAG", "MAID", "QuasiNewton", "ImplicitCG", "Unrolled", "AdaptiveInexact", "InnerProblem", "OuterLoss",
-    "HypergradientEstimator", "Hypergradient", "ErrorBound", "Result", "History", "Bounds",
+    "QuasiNewton", "HOAG", "MAID", "ImplicitCG", "Unrolled", "AdaptiveInexact", "InnerProblem",
+    "OuterLoss", "HypergradientEstimator", "TaskOperator", "Hypergradient", "ErrorBound", "Result",
+    "History", "Bounds",
     "SolveResult", "solve_inner", "batched_cg", "implicit_vjp", "tolerance_schedule",
     "NonPositiveCurvatureError",
 ]

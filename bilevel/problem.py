@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,7 @@ __all__ = [
     "Bounds",
     "InnerProblem",
     "OuterLoss",
+    "TaskOperator",
     "HypergradientEstimator",
     "Hypergradient",
     "ErrorBound",
@@ -300,6 +301,110 @@ class OuterLoss(nn.Module, ABC):
     def trainable_parameters(self) -> Dict[str, nn.Parameter]:
         """Named parameters with ``requires_grad`` (those an outer optimizer updates)."""
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+
+# ---------------------------------------------------------------------------------------------
+# task operator
+# ---------------------------------------------------------------------------------------------
+class TaskOperator(nn.Module, ABC):
+    """Task operator ``T_φ``: the map from a reconstruction ``x`` to a task output ``T_φ(x)``.
+
+    In task-adapted bilevel learning the upper loss scores the task output, not ``x`` itself::
+
+        ℓ(θ, φ_t) = L(T_φ(x̂(θ)), s),        φ = (φ_t, φ_f),
+
+    with labels ``s`` (a segmentation, a class). The parameters split into a declared trainable
+    part ``φ_t`` and a frozen rest ``φ_f``. The inner solution does not depend on ``φ``, so
+    ``∇_{φ_t} ℓ = ∂L/∂φ_t`` is a plain backward pass, while the hypergradient
+    ``∇_θ ℓ = (∂x̂/∂θ)ᵀ J_T(x̂)ᵀ ∇L`` passes through ``T`` by the chain rule
+    (``J_T`` the Jacobian of ``T_φ`` in ``x``, ``∇L`` the gradient of ``L`` in the task output).
+
+    The contract:
+
+    * :meth:`forward` computes ``T_φ(x)``, differentiable in ``x``;
+    * :meth:`finetunes` declares ``φ_t``: for a dotted parameter or submodule name of
+      :meth:`task_network` it answers whether that belongs to the trainable part (both ``"head"``
+      and ``"head.weight"`` for a trainable block ``head``, say);
+    * :meth:`freeze` sets ``requires_grad`` from that declaration (subclasses call it at the end
+      of ``__init__``);
+    * :meth:`train` puts only trainable submodules in training mode: frozen ones always stay in
+      eval mode (batch-norm uses its running statistics and never overwrites them, dropout is
+      off), whatever mode is asked for.
+
+    Nothing here is about images: ``x`` is any tensor the task network accepts. Concrete
+    operators live with the applications (for imaging networks, ``recon.tasks.TaskOperator``
+    picks the trainable blocks by name prefix or as the last ``K`` blocks).
+
+    Examples:
+        A classifier whose ``head`` is fine-tuned while its feature extractor (batch-norm
+        included) stays frozen:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from bilevel import TaskOperator
+        >>> class Classifier(TaskOperator):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.features = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+        ...                                       nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        ...         self.head = nn.Linear(4, 10)
+        ...         self.freeze()
+        ...     def finetunes(self, name):
+        ...         return name == "head" or name.startswith("head.")
+        ...     def forward(self, x):
+        ...         return self.head(self.features(x))
+        >>> T = Classifier().train()
+        >>> T.trainable_names
+        ['head.weight', 'head.bias']
+        >>> T.head.training, T.features[1].training    # the frozen batch-norm stays in eval mode
+        (True, False)
+        >>> T(torch.zeros(2, 1, 8, 8)).shape
+        torch.Size([2, 10])
+    """
+
+    @abstractmethod
+    def forward(self, x: Tensor) -> Tensor:  # pragma: no cover
+        """The task output ``T_φ(x)``."""
+
+    @abstractmethod
+    def finetunes(self, name: str) -> bool:  # pragma: no cover
+        """Whether the parameter or submodule ``name`` (dotted, as in
+        ``task_network().named_parameters()`` / ``named_modules()``) is in the trainable ``φ_t``."""
+
+    def task_network(self) -> nn.Module:
+        """The module whose parameter and submodule names :meth:`finetunes` receives: ``self`` by
+        default; an operator that wraps a network returns the network."""
+        return self
+
+    def freeze(self) -> "TaskOperator":
+        """Apply the declaration: ``requires_grad = finetunes(name)`` for every parameter, and the
+        module modes of :meth:`train` for the current mode. Returns ``self``."""
+        for name, p in self.task_network().named_parameters():
+            p.requires_grad_(bool(self.finetunes(name)))
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> "TaskOperator":
+        """Trainable submodules follow ``mode``; frozen ones (and the network's own root) stay in
+        eval mode."""
+        self.training = bool(mode)
+        for name, m in self.task_network().named_modules():
+            if m is not self:
+                m.training = bool(mode) and bool(name) and bool(self.finetunes(name))
+        return self
+
+    @property
+    def trainable_names(self) -> List[str]:
+        """Names of the trainable parameters ``φ_t`` (``requires_grad=True``)."""
+        return [n for n, p in self.task_network().named_parameters() if p.requires_grad]
+
+    @property
+    def frozen_names(self) -> List[str]:
+        """Names of the frozen parameters ``φ_f``."""
+        return [n for n, p in self.task_network().named_parameters() if not p.requires_grad]
+
+    def finetuned_parameters(self) -> Dict[str, nn.Parameter]:
+        """``{name: parameter}`` of ``φ_t`` (what an outer ``param_optimizer`` steps)."""
+        return {n: p for n, p in self.task_network().named_parameters() if p.requires_grad}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,8 +9,11 @@ The 34 label ids are mapped to the 19 evaluation classes ("train ids", Cordts et
 road, sidewalk, building, wall, fence, pole, traffic light, traffic sign, vegetation, terrain,
 sky, person, rider, car, truck, bus, train, motorcycle, bicycle); every other id becomes
 ``ignore_index = 255``. Images are resized to ``size = (H, W)`` with antialiased bilinear
-interpolation and scaled to ``[0, 1]``; labels with nearest-neighbour interpolation. Nothing
-is downloaded: ``root`` must point at a local copy.
+interpolation and scaled to ``[0, 1]``; labels with nearest-neighbour interpolation sampled
+at the output pixels' centres (``nearest-exact``), the points the image is resampled at, so
+label and image stay aligned (plain ``nearest`` samples each output pixel's top-left input
+pixel: half an output pixel up and left). Nothing is downloaded: ``root`` must point at a local
+copy.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["CityscapesSegmentation", "CITYSCAPES_CLASSES", "LABEL_TO_TRAIN_ID", "IGNORE_INDEX",
-           "labels_to_train_ids", "read_image"]
+           "labels_to_train_ids", "read_image", "check_max_items"]
 
 IGNORE_INDEX = 255
 CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
@@ -58,11 +61,20 @@ def read_image(path: str | os.PathLike, mode: str | None = None) -> np.ndarray:
         raise ValueError(f"unreadable image file {str(path)!r}: {err}") from None
 
 
+def check_max_items(max_items) -> int | None:
+    """``None`` or a positive int (the number of items a loader keeps); ``ValueError`` otherwise."""
+    if max_items is None:
+        return None
+    if isinstance(max_items, bool) or not isinstance(max_items, (int, np.integer)) or max_items < 1:
+        raise ValueError(f"max_items must be None (all items) or a positive int, got {max_items!r}")
+    return int(max_items)
+
+
 def _resize(t: torch.Tensor, size: Tuple[int, int], labels: bool) -> torch.Tensor:
     if tuple(t.shape[-2:]) == tuple(size):
         return t
-    if labels:
-        return F.interpolate(t[None, None].float(), size=size, mode="nearest")[0, 0].long()
+    if labels:   # sampled at the output pixel centres, where the image is resampled too
+        return F.interpolate(t[None, None].float(), size=size, mode="nearest-exact")[0, 0].long()
     return F.interpolate(t[None], size=size, mode="bilinear", align_corners=False,
                          antialias=True)[0].clamp(0, 1)
 
@@ -78,6 +90,7 @@ class CityscapesSegmentation(torch.utils.data.Dataset):
     def __init__(self, root: str | os.PathLike, split: str = "train",
                  size: Sequence[int] = (64, 128), max_items: int | None = None):
         self.root, self.split = Path(root), split
+        max_items = check_max_items(max_items)
         self.size = tuple(int(s) for s in size)
         if len(self.size) != 2 or min(self.size) < 1:
             raise ValueError(f"size must be (H, W) with positive entries, got {size!r}")
@@ -97,7 +110,7 @@ class CityscapesSegmentation(torch.utils.data.Dataset):
         if not self.items:
             raise FileNotFoundError(f"no *_leftImg8bit.png images under {str(img_dir)!r}")
         if max_items is not None:
-            self.items = self.items[: int(max_items)]
+            self.items = self.items[:max_items]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -113,5 +126,9 @@ class CityscapesSegmentation(torch.utils.data.Dataset):
             raise ValueError(f"image {str(img_path)!r} of size {img.shape[:2]} and label "
                              f"{str(lab_path)!r} of size {lab.shape} differ")
         image = torch.from_numpy(img.astype(np.float32) / 255.0).permute(2, 0, 1)
-        label = torch.from_numpy(labels_to_train_ids(lab))
+        try:
+            label = torch.from_numpy(labels_to_train_ids(lab))
+        except ValueError as err:
+            raise ValueError(f"label file {str(lab_path)!r}: {err} (a *_gtFine_labelIds.png "
+                             f"holds 8-bit label ids)") from None
         return {"image": _resize(image, self.size, False), "label": _resize(label, self.size, True)}

@@ -307,13 +307,16 @@ class DicomSliceDataset(SimulatedCTDataset):
         attenuation in 1/mm (see :func:`~recon.data.dicom.hu_to_attenuation`).
     mu_water : float
         Water attenuation in 1/mm used for the conversion.
+    modalities : sequence of str or None
+        Modalities read (default CT only; ``None``: any). Every file's header is checked when
+        the data set is made, so a wrong file is named before any pixels are read.
     noise, seed, **kwargs
         See :class:`SimulatedCTDataset`.
     """
 
     def __init__(self, paths, operator, *, unit: str = "water", mu_water: float | None = None,
-                 noise=None, seed: int = 0, **kwargs):
-        from .dicom import MU_WATER, find_dicom_files
+                 modalities=("CT",), noise=None, seed: int = 0, **kwargs):
+        from .dicom import MU_WATER, check_dicom_file, find_dicom_files
 
         if unit not in ("water", "1/mm"):
             raise ValueError(f"`unit` must be 'water' or '1/mm', got {unit!r}")
@@ -332,9 +335,12 @@ class DicomSliceDataset(SimulatedCTDataset):
             raise ValueError(f"`paths` {paths!r} contains no DICOM files")
         if operator is None or not isinstance(operator, (RayTransform, Geometry)):
             raise TypeError(f"`operator` must be a RayTransform or Geometry, got {type(operator).__name__}")
+        for f in files:
+            check_dicom_file(f, modalities)
         op = operator if isinstance(operator, RayTransform) else RayTransform(operator)
         super().__init__(len(files), op, noise=noise, seed=seed, **kwargs)
         self.files = [str(f) for f in files]
+        self.modalities = modalities
         self.unit = unit
         self.mu_water = MU_WATER if mu_water is None else float(mu_water)
 
@@ -344,7 +350,7 @@ class DicomSliceDataset(SimulatedCTDataset):
 
         images = []
         for i in indices:
-            sl = read_dicom_slice(self.files[i])
+            sl = read_dicom_slice(self.files[i], self.modalities)
             mu = torch.as_tensor(sl.attenuation(self.mu_water), dtype=torch.float64)
             if self.unit == "water":
                 mu = mu / self.mu_water

@@ -3,7 +3,8 @@
 ::
 
     root/Images/<wnid>-<breed>/<wnid>_<n>.jpg      20 580 JPEG images of 120 breeds
-    root/lists/train_list.mat, root/lists/test_list.mat
+    root/train_list.mat, root/test_list.mat        the lists (lists.tar unpacks them here,
+                                                   beside file_list.mat), or in root/lists/
 
 Each list (MATLAB, read with :func:`scipy.io.loadmat`) holds ``file_list`` (paths relative to
 ``Images/``) and ``labels`` (1-based class numbers 1..120). Items are ``{"image", "label"}``:
@@ -21,9 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cityscapes import read_image
+from .cityscapes import check_max_items, read_image
 
-__all__ = ["StanfordDogs", "N_DOG_CLASSES", "read_split_list"]
+__all__ = ["StanfordDogs", "N_DOG_CLASSES", "read_split_list", "find_split_list"]
 
 N_DOG_CLASSES = 120
 
@@ -44,7 +45,11 @@ def read_split_list(path: str | os.PathLike, num_classes: int = N_DOG_CLASSES):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Stanford Dogs split file {str(path)!r} does not exist")
-    mat = loadmat(str(path))
+    try:
+        mat = loadmat(str(path))
+    except Exception as err:  # scipy raises ValueError, TypeError, OSError... for a bad file
+        raise ValueError(f"unreadable Stanford Dogs list file {str(path)!r} "
+                         f"({type(err).__name__}: {err})") from None
     for key in ("file_list", "labels"):
         if key not in mat:
             raise ValueError(f"split file {str(path)!r} has no {key!r} entry "
@@ -57,6 +62,18 @@ def read_split_list(path: str | os.PathLike, num_classes: int = N_DOG_CLASSES):
         raise ValueError(f"labels out of range in {str(path)!r}: expected integers 1..{num_classes}, "
                          f"got range [{labels.min()}, {labels.max()}]")
     return files, labels.astype(np.int64) - 1
+
+
+def find_split_list(root: str | os.PathLike, split: str) -> Path:
+    """``root/<split>_list.mat`` as ``lists.tar`` unpacks it, else ``root/lists/<split>_list.mat``
+    (``split`` is ``"train"``, ``"test"`` or ``"file"``, the list of all images)."""
+    root = Path(root)
+    candidates = [root / f"{split}_list.mat", root / "lists" / f"{split}_list.mat"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"Stanford Dogs split file {split}_list.mat not found: looked for "
+                            f"{[str(p) for p in candidates]} (unpack lists.tar into root={str(root)!r})")
 
 
 def _square(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -82,11 +99,13 @@ class StanfordDogs(torch.utils.data.Dataset):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"size must be a positive int, got {size!r}")
+        max_items = check_max_items(max_items)
         self.root, self.split, self.size = Path(root), split, size
-        files, labels = read_split_list(self.root / "lists" / f"{split}_list.mat")
+        self.list_file = find_split_list(self.root, split)
+        files, labels = read_split_list(self.list_file)
         idx = np.arange(len(files))
         if max_items is not None and max_items < len(files):
-            idx = np.linspace(0, len(files) - 1, int(max_items)).round().astype(int)
+            idx = np.linspace(0, len(files) - 1, max_items).round().astype(int)
         self.files: List[str] = [files[i] for i in idx]
         self.labels = torch.as_tensor(labels[idx])
         folders = {}
@@ -100,7 +119,8 @@ class StanfordDogs(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
         path = self.root / "Images" / self.files[i]
         if not path.is_file():
-            raise FileNotFoundError(f"image file {str(path)!r} listed in {self.split}_list.mat is missing")
+            raise FileNotFoundError(f"image file {str(path)!r} listed in {str(self.list_file)!r} "
+                                    f"is missing")
         img = read_image(path, "RGB")
         image = torch.from_numpy(img.astype(np.float32) / 255.0).permute(2, 0, 1)
         return {"image": _square(image, self.size), "label": self.labels[i].clone()}

@@ -20,17 +20,22 @@ All are dimensionless and lie in ``[0, 1]`` (CE in ``[0, ∞)`` nats per pixel).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Optional
+import warnings
+from typing import Any, Callable, List, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import bilevel
 from bilevel import OuterLoss
+
+from .operator import TaskOperator
 
 __all__ = ["check_segmentation", "check_classification", "segmentation_cross_entropy",
            "soft_dice_loss", "soft_iou_loss", "log_cosh_dice_loss", "classification_cross_entropy",
-           "SegmentationLoss", "ClassificationLoss", "TaskLoss", "SEGMENTATION_TERMS"]
+           "SegmentationLoss", "ClassificationLoss", "TaskLoss", "SEGMENTATION_TERMS",
+           "as_task_operator"]
 
 
 def _shape(t: Any) -> str:
@@ -156,12 +161,50 @@ class ClassificationLoss(nn.Module):
         return classification_cross_entropy(logits, labels)
 
 
+_MODE_DEPENDENT = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
+
+
+def _mode_dependent_in_training(network: nn.Module) -> List[str]:
+    """Names of the batch-norm / instance-norm / dropout modules of ``network`` in training mode."""
+    return [n or type(network).__name__ for n, m in network.named_modules()
+            if m.training and isinstance(m, _MODE_DEPENDENT)]
+
+
+def as_task_operator(task: nn.Module) -> bilevel.TaskOperator:
+    """``task`` itself if it is a :class:`bilevel.TaskOperator`; a raw network otherwise becomes a
+    :class:`TaskOperator` whose trainable parameters are those with ``requires_grad`` and that is
+    in eval mode (batch-norm on its running statistics, dropout off).
+
+    A raw network found in training mode with batch-norm or dropout modules gets a
+    ``UserWarning``: evaluated as it was, every loss evaluation would normalise with batch
+    statistics and overwrite the pretrained running statistics.
+    """
+    if isinstance(task, bilevel.TaskOperator):
+        return task
+    if not isinstance(task, nn.Module):
+        raise TypeError(f"task must be an nn.Module, got {type(task).__name__}")
+    moded = _mode_dependent_in_training(task)
+    wrapped = TaskOperator(task, finetune=[n for n, p in task.named_parameters() if p.requires_grad])
+    if moded:
+        warnings.warn(
+            f"TaskLoss: the task network {type(task).__name__} was in training mode with "
+            f"{len(moded)} batch-norm/dropout module(s) (e.g. {moded[:3]}); it is now in eval "
+            f"mode, so the loss uses the pretrained running statistics and leaves them unchanged. "
+            f"To fine-tune blocks in training mode, pass TaskOperator(network, finetune=[...]) "
+            f"and call .train() on it.", UserWarning, stacklevel=3)
+    return wrapped
+
+
 class TaskLoss(OuterLoss):
     """Upper-level task loss ``ℓ(x, θ, batch) = L(T_φ(x), batch[label_key])``.
 
-    ``task`` is the task network (usually a :class:`recon.tasks.TaskOperator`; its fine-tuned
-    parameters are this loss's trainable parameters), ``loss`` maps ``(logits, labels)`` to a
-    scalar (e.g. :class:`SegmentationLoss`, :class:`ClassificationLoss`). ``x`` is cast to the
+    ``task`` is the task operator ``T_φ``, a :class:`bilevel.TaskOperator` (usually a
+    :class:`recon.tasks.TaskOperator`; its fine-tuned parameters are this loss's trainable
+    parameters). A raw network is wrapped by :func:`as_task_operator`: its parameters with
+    ``requires_grad`` stay trainable and it is put in eval mode (with a warning if it was in
+    training mode with batch-norm or dropout), so the loss never runs batch-norm on batch
+    statistics nor overwrites the pretrained ones. ``loss`` maps ``(logits, labels)`` to a scalar
+    (e.g. :class:`SegmentationLoss`, :class:`ClassificationLoss`). ``x`` is cast to the
     network's floating dtype (differentiably), so a float64 inner problem can feed a float32 net.
     """
 
@@ -172,9 +215,10 @@ class TaskLoss(OuterLoss):
             raise TypeError(f"task must be an nn.Module, got {type(task).__name__}")
         if not callable(loss):
             raise TypeError(f"loss must be callable, got {type(loss).__name__}")
-        self.task, self.loss, self.label_key = task, loss, label_key
+        self.task, self.loss, self.label_key = as_task_operator(task), loss, label_key
 
     def forward(self, x: Tensor, theta: Any, batch: Any) -> Tensor:
+        """``L(T_φ(x), batch[label_key])``."""
         if not isinstance(batch, Mapping) or self.label_key not in batch:
             keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
             raise ValueError(f"batch must be a mapping with key {self.label_key!r}; got {keys}")

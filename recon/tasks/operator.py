@@ -14,12 +14,16 @@ blocks
 Every other parameter gets ``requires_grad=False``. Frozen modules always stay in eval mode
 (batch-norm uses its running statistics, dropout is off), whatever ``.train()`` is called
 with; fine-tuned modules follow ``.train(mode)``. A new ``TaskOperator`` starts in eval mode.
+It implements the core interface :class:`bilevel.TaskOperator` for networks (parameter and
+module names are those of the wrapped ``network``).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 from torch import Tensor, nn
+
+import bilevel
 
 __all__ = ["TaskOperator", "last_blocks"]
 
@@ -39,14 +43,20 @@ def last_blocks(network: nn.Module, k: int) -> List[str]:
     return names[len(names) - k:] if k else []
 
 
-class TaskOperator(nn.Module):
+class TaskOperator(bilevel.TaskOperator):
     """``T_φ(x) = network(x)`` with the parameters under ``finetune`` (or the ``last`` K
-    blocks) trainable and the rest frozen (module docstring).
+    blocks) trainable and the rest frozen (module docstring); a :class:`bilevel.TaskOperator`.
 
     Args:
         network: the task network (segmenter or classifier), already pretrained.
         finetune: parameter-name prefixes to keep trainable (``None``/``[]``: none).
         last: alternatively, fine-tune the last ``last`` top-level blocks.
+
+    Examples:
+        >>> from recon.models import UNet
+        >>> task = TaskOperator(UNet(1, 3, base_channels=4, depth=2), finetune=["outc"])
+        >>> task.trainable_names
+        ['outc.weight', 'outc.bias']
     """
 
     def __init__(self, network: nn.Module, finetune: Optional[Sequence[str]] = None,
@@ -59,39 +69,26 @@ class TaskOperator(nn.Module):
         if isinstance(finetune, str):
             raise TypeError(f"finetune must be a list of name prefixes, got the string {finetune!r}")
         self.network = network
-        self.finetune = list(finetune or []) if last is None else last_blocks(network, last)
+        self.finetune: List[str] = (list(finetune or []) if last is None
+                                    else last_blocks(network, last))
         names = [n for n, _ in network.named_parameters()]
         for prefix in self.finetune:
+            if not isinstance(prefix, str):
+                raise TypeError(f"finetune entries must be strings, got {prefix!r}")
             if not any(_matches(n, prefix) for n in names):
                 raise ValueError(f"finetune prefix {prefix!r} matches no parameter of "
                                  f"{type(network).__name__}; first names: {names[:8]}")
-        for n, p in network.named_parameters():
-            p.requires_grad_(any(_matches(n, pre) for pre in self.finetune))
-        self.train(False)
+        self.training = False
+        self.freeze()
 
-    def _finetuned_module(self, name: str) -> bool:
+    def task_network(self) -> nn.Module:
+        """The wrapped network (names are relative to it)."""
+        return self.network
+
+    def finetunes(self, name: str) -> bool:
+        """``name`` equals a ``finetune`` prefix or lies below one (``prefix + "."``)."""
         return bool(name) and any(_matches(name, pre) for pre in self.finetune)
 
-    def train(self, mode: bool = True) -> "TaskOperator":
-        """Fine-tuned modules follow ``mode``; frozen modules stay in eval mode."""
-        self.training = mode
-        for name, m in self.network.named_modules():
-            m.training = bool(mode) and self._finetuned_module(name)
-        return self
-
-    @property
-    def trainable_names(self) -> List[str]:
-        """Names of the fine-tuned parameters (``requires_grad=True``)."""
-        return [n for n, p in self.network.named_parameters() if p.requires_grad]
-
-    @property
-    def frozen_names(self) -> List[str]:
-        """Names of the frozen parameters."""
-        return [n for n, p in self.network.named_parameters() if not p.requires_grad]
-
-    def finetuned_parameters(self) -> Dict[str, nn.Parameter]:
-        """``{name: parameter}`` of the fine-tuned parameters (for an optimiser)."""
-        return {n: p for n, p in self.network.named_parameters() if p.requires_grad}
-
     def forward(self, x: Tensor) -> Tensor:
+        """``network(x)``."""
         return self.network(x)
