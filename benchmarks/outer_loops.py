@@ -279,10 +279,15 @@ def targets(res: Dict[str, Any]) -> List[str]:
     line("cleaning: success with ≤ 1e-6 of the gap left", r, _ok(r, "gap_frac", 1e-6))
     units = [row for n, p in res.items() if n.startswith("units") for row in p["rows"]]
     if units:
-        bad = [f"{row['problem']}/{row['loop']}: {row['verdict']}" for row in units
-               if row.get("verdict", "").startswith(("CRASH", "FALSE SUCCESS"))]
-        lines.append(("met    units (every loop): no crash, no false success" if not bad else
-                      "MISSED units (every loop): " + "; ".join(bad)))
+        def bad(rows):
+            return [f"{row['problem']}/{row['loop']}: {row['verdict']}" for row in rows
+                    if row.get("verdict", "").startswith(("CRASH", "FALSE SUCCESS"))]
+        ours = bad([r for r in units if r["loop"] != "L-BFGS-B exact"])
+        lines.append(("met    units (QuasiNewton, HOAG, MAID): no crash, no false success" if not ours
+                      else "MISSED units (QuasiNewton, HOAG, MAID): " + "; ".join(ours)))
+        anchor = bad([r for r in units if r["loop"] == "L-BFGS-B exact"])
+        if anchor:  # scipy's absolute default tolerances; not a target of the library
+            lines.append("note   units, the scipy anchor: " + "; ".join(anchor))
     return lines
 
 
