@@ -6,11 +6,14 @@ Per sample ``b`` (``n = C·H·W``, ``*`` a zero-padded "same" convolution on eve
 .. math::
 
     Φ_b(x; θ) = \frac1n\|x − y_b\|^2
-                + \frac1n \sum_{k=1}^{K} w_k \sum_{c,i,j} \sqrt{(f_k * x)_{cij}^2 + ε},
+                + \frac1n \sum_{k=1}^{K} w_k \sum_{c,i,j} \sqrt{(\hat f_k * x)_{cij}^2 + ε},
+                \qquad \hat f_k = f_k / \|f_k\|_2,
 
 with θ = ``{"filters": (K, 1, s, s), "log_weights": (K,), "log_smoothing": scalar}``: the
 filters ``f_k`` themselves are hyperparameters (``K·s² + K + 1`` in all; 625 for the default
-``K = 24``, ``s = 5``), so the regularizer can shape its filters to what the upper loss rewards
+``K = 24``, ``s = 5``); each enters through its direction ``f̂_k`` only, so a filter's strength
+lives in its weight ``w_k`` alone (no redundant scale between ``f_k`` and ``w_k``, and steps on
+the filters and on the log-weights are of comparable size). The regularizer the regularizer can shape its filters to what the upper loss rewards
 (edges of a mask, textures a classifier needs), not only reweight a fixed basis as
 :class:`recon.experts.FieldOfExpertsDenoising` does. The penalty ``z ↦ √(z² + ε)`` is a
 smoothed absolute value, convex for every filter, so ``Φ_b`` stays strongly convex
@@ -43,6 +46,11 @@ def initial_theta(size: int = 5, log_weight: float = -3.0, log_smoothing: float 
             "log_smoothing": torch.tensor(float(log_smoothing), dtype=dtype)}
 
 
+def _unit(f: Tensor) -> Tensor:
+    """``f̂_k = f_k/‖f_k‖₂`` per filter."""
+    return f / f.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+
+
 def _conv(x: Tensor, f: Tensor) -> Tensor:
     """``F x``: every filter on every channel, ``(B, C·K, H, W)`` (channel-major)."""
     B, C, H, W = x.shape
@@ -71,12 +79,13 @@ class LearnedFieldOfExperts(InnerProblem):
     With ``U = F x`` (all responses), ``S = √(U² + ε)``, ``ψ = U/S``, ``ψ' = ε/S³``:
 
     * ``∇ₓΦ = (2(x − y) + Fᵀ(w ⊙ ψ))/n``,  ``∇²ₓₓΦ v = (2v + Fᵀ(w ⊙ ψ' ⊙ Fv))/n``
-    * ``⟨∂_{f_k}∇ₓΦ, q⟩ = (w_k/n)·[x ⋆ (ψ'_k ⊙ (Fq)_k) + q ⋆ ψ_k]`` (``⋆``: the correlation
-      that is conv2d's weight gradient)
+    * ``g_k = ⟨∂_{f̂_k}∇ₓΦ, q⟩ = (w_k/n)·[x ⋆ (ψ'_k ⊙ (Fq)_k) + q ⋆ ψ_k]`` (``⋆``: the
+      correlation that is conv2d's weight gradient; ``F`` uses the unit filters ``f̂``), and
+      ``⟨∂_{f_k}∇ₓΦ, q⟩ = (g_k − f̂_k⟨f̂_k, g_k⟩)/‖f_k‖``
     * ``⟨∂_{θ_{w,k}}∇ₓΦ, q⟩ = (w_k/n) Σ ψ_k (Fq)_k``,
       ``⟨∂_{θ_s}∇ₓΦ, q⟩ = −(ε/2n) Σ_k w_k Σ (U/S³)_k (Fq)_k``
 
-    ``μ = 2/n``; ``L = (2 + Σ_k w_k‖f_k‖₁²/√ε)/n``. ``batch[observation_key]`` holds the noisy
+    ``μ = 2/n``; ``L = (2 + Σ_k w_k‖f̂_k‖₁²/√ε)/n``. ``batch[observation_key]`` holds the noisy
     images ``(B, C, H, W)``; ``n_filters`` and ``filter_size`` fix the shape θ must have.
     """
 
@@ -105,6 +114,10 @@ class LearnedFieldOfExperts(InnerProblem):
                                                           and theta[name].numel() == 1):
                 raise ValueError(f"theta[{name!r}] must have shape {shape}, got "
                                  f"{tuple(theta[name].shape)}")
+        zero = (theta["filters"].flatten(1).norm(dim=1) == 0).nonzero().flatten().tolist()
+        if zero:
+            raise ValueError(f"theta['filters'] has all-zero filter(s) {zero[:5]}; each filter "
+                             "enters through its direction f/‖f‖ and needs a nonzero norm")
         y = self._y(batch)
         check_finite(f"batch[{self.observation_key!r}]", y)
         check_finite("x", x)
@@ -113,7 +126,7 @@ class LearnedFieldOfExperts(InnerProblem):
                              f"batch[{self.observation_key!r}] {tuple(y.shape)}")
 
     def _parts(self, x: Tensor, theta: Theta):
-        f = theta["filters"].to(x.dtype)
+        f = _unit(theta["filters"].to(x.dtype))
         u = _conv(x, f)
         eps = torch.exp(theta["log_smoothing"]).to(x.dtype).reshape(())
         s = torch.sqrt(u ** 2 + eps)
@@ -133,7 +146,7 @@ class LearnedFieldOfExperts(InnerProblem):
 
     def lipschitz(self, theta: Theta, batch: Any) -> float:
         eps = float(torch.exp(theta["log_smoothing"]))
-        l1 = theta["filters"].detach().flatten(1).abs().sum(1) ** 2
+        l1 = _unit(theta["filters"].detach()).flatten(1).abs().sum(1) ** 2
         spread = float((torch.exp(theta["log_weights"].detach()).to(l1.dtype) * l1).sum())
         return (2.0 + spread / math.sqrt(eps)) / self._y(batch)[0].numel()
 
@@ -147,6 +160,7 @@ class LearnedFieldOfExperts(InnerProblem):
         x = x.detach()
         f, u, s, eps, w = self._parts(x, {k: v.detach() for k, v in theta.items()})
         n, K = x[0].numel(), self.n_filters
+        norms = theta["filters"].detach().to(x.dtype).flatten(1).norm(dim=1).view(-1, 1, 1, 1)
         psi, dpsi = u / s, eps / s ** 3
         curv = w * dpsi
 
@@ -156,7 +170,8 @@ class LearnedFieldOfExperts(InnerProblem):
         def mixed(q: Tensor) -> Dict[str, Tensor]:
             fq = _conv(q, f)
             per_k = lambda t: t.reshape(t.shape[0], -1, K, *t.shape[2:]).sum((0, 1, 3, 4))  # noqa: E731
-            d_f = (_filter_grad(x, curv * fq, f) + _filter_grad(q, w * psi, f)) / n
+            g = (_filter_grad(x, curv * fq, f) + _filter_grad(q, w * psi, f)) / n  # ∂/∂f̂
+            d_f = (g - f * (g * f).sum((1, 2, 3), keepdim=True)) / norms  # chain rule of f/‖f‖
             d_w = per_k(w * psi * fq) / n
             d_s = -0.5 * (w * dpsi * u * fq).sum() / n
             return {"filters": d_f.to(theta["filters"].dtype),

@@ -116,6 +116,16 @@ def test_scaling_phi_leaves_the_hypergradient_and_scaling_ell_scales_it(c):
         assert torch.allclose(ell_c[k], c * ref[k], rtol=1e-7, atol=1e-13 * c), k
 
 
+def test_a_filter_acts_through_its_direction_only():
+    inner, batch, theta, g = _setup(4)
+    x = batch["y"] + 0.05 * torch.randn(batch["y"].shape, generator=g, dtype=DT)
+    scaled = {**theta, "filters": theta["filters"] * torch.tensor([0.5, 2.0, 3.0, 10.0], dtype=DT).view(-1, 1, 1, 1)}
+    assert torch.allclose(inner.objective(x, scaled, batch), inner.objective(x, theta, batch), rtol=1e-12)
+    q = torch.randn(x.shape, generator=g, dtype=DT)
+    d_f = inner.mixed_vjp(x, theta, batch, q)["filters"]
+    assert torch.allclose((d_f * theta["filters"]).sum((1, 2, 3)), torch.zeros(4, dtype=DT), atol=1e-14)
+
+
 def test_hoag_lowers_the_upper_loss_over_learned_filters():
     inner, batch, _, _ = _setup(2, B=2, H=12, K=8, s=3)
     theta = initial_theta(3, log_weight=-3.0)
@@ -134,5 +144,9 @@ def test_bad_arguments_and_theta_shapes_are_named():
         inner.check(batch["y"], {**theta, "filters": torch.zeros(4, 1, 5, 5, dtype=DT)}, batch)
     with pytest.raises(ValueError, match=r"theta\['log_weights'\] must have shape \(4,\)"):
         inner.check(batch["y"], {**theta, "log_weights": torch.zeros(3, dtype=DT)}, batch)
+    with pytest.raises(ValueError, match=r"all-zero filter\(s\) \[1\]"):
+        bad = theta["filters"].clone()
+        bad[1] = 0
+        inner.check(batch["y"], {**theta, "filters": bad}, batch)
     with pytest.raises(ValueError, match="missing"):
         inner.check(batch["y"], {k: v for k, v in theta.items() if k != "filters"}, batch)
