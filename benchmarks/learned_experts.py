@@ -61,7 +61,7 @@ def main(argv=None) -> list:
     tv_bounds = Bounds(lower={"log_smoothing": -12.0}, upper={"log_smoothing": 0.0})
     s = args.filters
     foe = LearnedFieldOfExperts(s * s - 1, s)
-    foe0 = initial_theta(s, log_weight=-3.0, log_smoothing=-6.0)
+    foe0 = initial_theta(s, log_weight=-4.0, log_smoothing=-4.0)
     rows = [_run("smoothed TV (2)", TVDenoising(), tv0, train, test, args.iters, tv_bounds),
             _run(f"learned FoE ({s * s - 1}x{s}x{s})", foe, foe0, train, test, args.iters)]
     for r in rows:
