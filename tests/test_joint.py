@@ -276,3 +276,39 @@ def test_cli_resume_with_another_lr_or_data_seed_exits_2_with_the_diff(tmp_path,
     assert console_main([*base, "--clip-grad-norm", "-1"], prog="python -m recon.joint",
                         entry=main) == 2
     assert "JointConfig.clip_grad_norm must be a finite number > 0" in capsys.readouterr().err
+
+
+def test_segmenter_starts_at_the_lesion_prior(tiny):
+    _, train, _ = tiny
+    pi = 0.01
+    torch.manual_seed(0)
+    seg = build_segmenter(OPTS, pi).eval()
+    with torch.no_grad():
+        p = torch.softmax(seg(train["image"]), 1)[:, 1]
+    # the last layer's bias sets the start; the features add a spread around it
+    assert float(p.median()) < 0.1
+    torch.manual_seed(0)
+    with torch.no_grad():
+        p0 = torch.softmax(build_segmenter(OPTS).eval()(train["image"]), 1)[:, 1]
+    assert float(p0.median()) > 0.2
+
+
+def test_tiny_c_sweep_shares_the_pretrained_start_and_stays_finite(tiny):
+    """The joint stage of every C starts from the same pretrained networks (the C = 0 and
+    C = 1 ends included) and every run ends finite with scores in range."""
+    from recon.joint import evaluate_net
+
+    op, train, test = tiny
+    cfg = JointConfig(epochs=1, batch_size=3, lr=1e-3, progress=False, pretrain_epochs=1)
+    stages = []
+    for C in (0.0, 0.5, 0.9, 1.0):
+        net, info = run_route("joint_lspd", op, train, cfg, OPTS, C=C)
+        stages.append(info["stages"])
+        res = evaluate_net(net, test)
+        assert 0.0 <= float(res["dice"].mean()) <= 1.0
+        assert bool(torch.isfinite(res["psnr"]).all())
+        assert all(math.isfinite(h["loss"]) for h in info["history"])
+    losses = lambda s, k: [h["loss"] for h in s[k]]  # noqa: E731
+    for s in stages[1:]:
+        for k in ("pretrain_reconstruct", "pretrain_segment"):
+            assert losses(s, k) == losses(stages[0], k), k

@@ -14,6 +14,7 @@ training seconds and inference milliseconds per image.
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -25,7 +26,7 @@ from .losses import JointLoss, check_weight
 from .trainer import JointConfig, JointNet, fit_joint
 
 __all__ = ["ROUTES", "default_model_options", "build_reconstructor", "build_segmenter", "run_route",
-           "evaluate_net", "predict"]
+           "evaluate_net", "predict", "lesion_prior"]
 
 ROUTES = ("clean", "sequential", "joint_lpd", "joint_lspd", "joint_sklspd")
 _RECON = {"sequential": "lpd", "joint_lpd": "lpd", "joint_lspd": "lspd", "joint_sklspd": "sklspd"}
@@ -54,12 +55,29 @@ def build_reconstructor(name: str, operator: Any, options: Mapping[str, Any],
                        n_iterations=int(options["recon_iterations"]))
 
 
-def build_segmenter(options: Mapping[str, Any]) -> nn.Module:
-    """Two-class (background, lesion) :class:`recon.models.unet.UNet` on 1-channel images."""
+def build_segmenter(options: Mapping[str, Any], lesion_prior: Optional[float] = None) -> nn.Module:
+    """Two-class (background, lesion) :class:`recon.models.unet.UNet` on 1-channel images.
+
+    ``lesion_prior`` ``π`` (the lesion fraction of the training masks) sets the output biases to
+    ``(0, log(π/(1 − π)))``, so the untrained network predicts the lesion class with probability
+    ``π`` everywhere instead of ``1/2``. Lesions are under 1 % of the pixels: from the default
+    start the network first learns "background everywhere" (Dice 0) and needs epochs to leave
+    that plateau; from the prior start it goes to the lesions at once.
+    """
     from recon.models.unet import UNet
 
-    return UNet(in_channels=1, num_classes=2, base_channels=int(options["unet_channels"]),
-                depth=int(options["unet_depth"]))
+    net = UNet(in_channels=1, num_classes=2, base_channels=int(options["unet_channels"]),
+               depth=int(options["unet_depth"]))
+    if lesion_prior is not None:
+        pi = min(max(float(lesion_prior), 1e-4), 0.5)
+        with torch.no_grad():
+            net.outc.bias.copy_(torch.tensor([0.0, math.log(pi / (1.0 - pi))]))
+    return net
+
+
+def lesion_prior(data: Mapping[str, Tensor]) -> float:
+    """Fraction of lesion pixels in ``data["mask"]`` (the prior of :func:`build_segmenter`)."""
+    return float(data["mask"].double().mean())
 
 
 @torch.no_grad()
@@ -129,13 +147,14 @@ def run_route(route: str, operator: Any, train: Mapping[str, Tensor], config: Jo
     out = Path(out_dir) if out_dir is not None else None
     meta = {**dict(metadata or {}), "route": route, "C": C, "options": dict(options),
             "reconstructor": reconstructor}
+    prior = lesion_prior(train)
     if route == "clean":
-        seg = build_segmenter(options)
+        seg = build_segmenter(options, prior)
         net = JointNet(None, seg, input_key="image")
         res = _stage(net, JointLoss(seg, 1.0), train, config, route, out, resume, meta, True)
         return net, {"train_seconds": res.seconds, "history": res.history}
     rec = build_reconstructor(reconstructor or _RECON[route], operator, options, fbp_filter)
-    seg = build_segmenter(options)
+    seg = build_segmenter(options, prior)
     if route == "sequential":
         return _sequential(rec, seg, train, config, out, resume, meta)
     if config.pretrain_epochs == 0:
