@@ -199,11 +199,14 @@ def fit_joint(net: JointNet, loss_fn: JointLoss, train_data: TensorData, config:
     raises ``ValueError`` if that file belongs to another route, and
     :class:`recon.training.ResumeMismatchError` (listing every difference) if it was trained with
     other settings (``config`` except ``progress``, ``metadata``, number of steps). ``lr`` and
-    ``epochs`` override ``config.lr`` / ``config.epochs`` (a stage of a multi-stage route). ``max_steps`` stops early
-    (``last.pt`` written), e.g. to split a run.
+    ``epochs`` override ``config.lr`` / ``config.epochs`` (a stage of a multi-stage route).
+    ``max_steps`` stops early (``last.pt`` written), e.g. to split a run.
     """
     from tqdm.auto import tqdm
 
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)
+                                  or max_steps < 1):
+        raise ValueError(f"max_steps must be None or an int >= 1, got {max_steps!r}")
     params = [p for p in net.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"route {route!r}: net has no trainable parameters")
