@@ -158,3 +158,157 @@ def test_ct_joint_quick_example_runs(tmp_path, one_torch_thread):
         assert all(0.0 <= r["dice"] <= 1.0 for r in saved["rows"][route])
     assert sorted(float(c) for c in saved["sweep"]) == [0.0, 0.1, 0.5, 0.9, 1.0]
     assert saved["step_time"]["ratio"] > 0 and result["total_seconds"] < 60
+
+
+@pytest.mark.parametrize("field, value, error", [
+    ("clip_grad_norm", -1.0, ValueError), ("clip_grad_norm", 0.0, ValueError),
+    ("clip_grad_norm", float("nan"), ValueError), ("clip_grad_norm", "1", TypeError),
+    ("lr", 0.0, ValueError), ("lr", float("inf"), ValueError), ("lr", -1e-3, ValueError),
+    ("epochs", 0, ValueError), ("epochs", 1.5, TypeError), ("epochs", True, TypeError),
+    ("batch_size", 0, ValueError), ("seed", -1, ValueError), ("pretrain_epochs", -1, ValueError),
+    ("joint_lr", 0.0, ValueError), ("joint_lr", float("nan"), ValueError),
+    ("progress", "yes", TypeError)])
+def test_joint_config_refuses_bad_values_by_name(field, value, error):
+    with pytest.raises(error, match=f"JointConfig.{field}"):
+        JointConfig(**{field: value})
+
+
+class _Killed(Exception):
+    pass
+
+
+def _kill_after(monkeypatch, n_steps):
+    """Make the trainer raise (like a kill) when it starts step ``n_steps + 1`` overall."""
+    import recon.joint.trainer as trainer
+
+    real, count = trainer._step, {"n": 0}
+
+    def step(*args, **kwargs):
+        if count["n"] >= n_steps:
+            raise _Killed(f"killed after {n_steps} steps")
+        count["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_step", step)
+    return count
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+# (route, pretrain_epochs, kill point in steps overall): 2 steps per epoch on the 6 tiny images
+@pytest.mark.parametrize("route, pretrain, kill", [
+    ("sequential", 0, 3),        # during stage 1 (reconstruct), after its first epoch
+    ("sequential", 0, 1),        # during stage 1, before any last.pt was written
+    ("sequential", 0, 5),        # during stage 2 (segment)
+    ("joint_lspd", 2, 3),        # during pretrain_reconstruct, after its first epoch
+    ("joint_lspd", 2, 4),        # between pretrain_reconstruct and pretrain_segment
+    ("joint_lspd", 2, 7),        # during pretrain_segment
+    ("joint_lspd", 2, 10),       # during the joint stage
+])
+def test_multi_stage_route_killed_in_any_stage_resumes_to_the_uninterrupted_result(
+        tiny, tmp_path, monkeypatch, route, pretrain, kill):
+    op, train, _ = tiny
+    cfg = JointConfig(epochs=2, batch_size=3, lr=1e-3, progress=False, pretrain_epochs=pretrain)
+    full, _ = run_route(route, op, train, cfg, OPTS, C=0.5, out_dir=tmp_path / "full")
+    with monkeypatch.context() as m:
+        _kill_after(m, kill)
+        with pytest.raises(_Killed):
+            run_route(route, op, train, cfg, OPTS, C=0.5, out_dir=tmp_path / "cut")
+    if kill == 1 and route == "sequential":  # killed before the first save: nothing to resume
+        with pytest.raises(FileNotFoundError, match="train without resume"):
+            run_route(route, op, train, cfg, OPTS, C=0.5, out_dir=tmp_path / "cut", resume=True)
+        return
+    resumed, info = run_route(route, op, train, cfg, OPTS, C=0.5, out_dir=tmp_path / "cut",
+                              resume=True)
+    _same_weights(full, resumed)
+
+
+def test_resume_with_other_settings_is_refused_with_the_differences(tiny, tmp_path):
+    from recon.training import ResumeMismatchError
+
+    op, train, _ = tiny
+    cfg = JointConfig(epochs=2, batch_size=3, lr=1e-3, progress=False)
+    rec, seg = _nets(op, "lspd")
+    fit_joint(JointNet(rec.float(), seg.float()), JointLoss(seg, 0.5), train, cfg, "joint_lspd",
+              tmp_path, max_steps=2, metadata={"C": 0.5})
+    rec, seg = _nets(op, "lspd")
+    other = JointConfig(epochs=3, batch_size=3, lr=2e-3, progress=True)
+    with pytest.raises(ResumeMismatchError) as info:
+        fit_joint(JointNet(rec.float(), seg.float()), JointLoss(seg, 0.9), train, other,
+                  "joint_lspd", tmp_path, resume=True, metadata={"C": 0.9})
+    text = str(info.value)
+    for line in ("config.lr: 0.001 (saved) != 0.002 (now)", "config.epochs: 2 (saved) != 3 (now)",
+                 "metadata.C: 0.5 (saved) != 0.9 (now)", "total_steps: 4 (saved) != 6 (now"):
+        assert line in text, text
+    assert "progress" not in text  # how a run reports may change on resume
+    # the same settings (progress aside) resume
+    rec, seg = _nets(op, "lspd")
+    res = fit_joint(JointNet(rec.float(), seg.float()), JointLoss(seg, 0.5), train,
+                    JointConfig(epochs=2, batch_size=3, lr=1e-3, progress=False), "joint_lspd",
+                    tmp_path, resume=True, metadata={"C": 0.5})
+    assert res.step == 4
+
+
+def test_cli_resume_with_another_lr_or_data_seed_exits_2_with_the_diff(tmp_path, capsys,
+                                                                       one_torch_thread):
+    from recon.joint.cli import main
+    from recon.training.cli import console_main
+
+    base = ["train", "--route", "clean", "--image-size", "16", "--n-angles", "8", "--n-train",
+            "4", "--n-test", "2", "--unet-channels", "4", "--unet-depth", "2", "--epochs", "1",
+            "--batch-size", "2", "--no-progress", "--out", str(tmp_path / "run")]
+    main(base)
+    code = console_main([*base, "--resume", "--lr", "1e-2", "--data-seed", "3"],
+                        prog="python -m recon.joint", entry=main)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "config.lr: 0.003 (saved) != 0.01 (now)" in err, err
+    assert "metadata.setup.data_seed: 0 (saved) != 3 (now)" in err, err
+    assert console_main([*base, "--resume"], prog="python -m recon.joint", entry=main) == 0
+    assert console_main([*base[:-1], str(tmp_path / "nowhere"), "--resume"],
+                        prog="python -m recon.joint", entry=main) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert console_main([*base, "--clip-grad-norm", "-1"], prog="python -m recon.joint",
+                        entry=main) == 2
+    assert "JointConfig.clip_grad_norm must be a finite number > 0" in capsys.readouterr().err
+
+
+def test_segmenter_starts_at_the_lesion_prior(tiny):
+    _, train, _ = tiny
+    pi = 0.01
+    torch.manual_seed(0)
+    seg = build_segmenter(OPTS, pi).eval()
+    with torch.no_grad():
+        p = torch.softmax(seg(train["image"]), 1)[:, 1]
+    # the last layer's bias sets the start; the features add a spread around it
+    assert float(p.median()) < 0.1
+    torch.manual_seed(0)
+    with torch.no_grad():
+        p0 = torch.softmax(build_segmenter(OPTS).eval()(train["image"]), 1)[:, 1]
+    assert float(p0.median()) > 0.2
+
+
+def test_tiny_c_sweep_shares_the_pretrained_start_and_stays_finite(tiny):
+    """The joint stage of every C starts from the same pretrained networks (the C = 0 and
+    C = 1 ends included) and every run ends finite with scores in range."""
+    from recon.joint import evaluate_net
+
+    op, train, test = tiny
+    cfg = JointConfig(epochs=1, batch_size=3, lr=1e-3, progress=False, pretrain_epochs=1)
+    stages = []
+    for C in (0.0, 0.5, 0.9, 1.0):
+        net, info = run_route("joint_lspd", op, train, cfg, OPTS, C=C)
+        stages.append(info["stages"])
+        res = evaluate_net(net, test)
+        assert 0.0 <= float(res["dice"].mean()) <= 1.0
+        assert bool(torch.isfinite(res["psnr"]).all())
+        assert all(math.isfinite(h["loss"]) for h in info["history"])
+    losses = lambda s, k: [h["loss"] for h in s[k]]  # noqa: E731
+    for s in stages[1:]:
+        for k in ("pretrain_reconstruct", "pretrain_segment"):
+            assert losses(s, k) == losses(stages[0], k), k

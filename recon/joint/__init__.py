@@ -13,7 +13,7 @@ from .data import build_joint_data, check_joint_data, default_joint_setup
 from .losses import JointLoss, check_masks, check_weight, mask_labels
 from .problem import ExplicitBackprop, ExplicitReconstruction, network_theta
 from .routes import (ROUTES, build_reconstructor, build_segmenter, default_model_options,
-                     evaluate_net, predict, run_route)
+                     evaluate_net, lesion_prior, predict, run_route)
 from .trainer import JointConfig, JointNet, JointTrainResult, fit_joint, joint_gradients
 from .variational import TV_BOUNDS, TV_THETA0, learn_tv_theta, tv_reconstruct
 
@@ -22,7 +22,7 @@ __all__ = [
     "ExplicitReconstruction", "ExplicitBackprop", "network_theta",
     "JointConfig", "JointNet", "JointTrainResult", "fit_joint", "joint_gradients",
     "ROUTES", "default_model_options", "build_reconstructor", "build_segmenter", "run_route",
-    "evaluate_net", "predict",
+    "evaluate_net", "predict", "lesion_prior",
     "default_joint_setup", "build_joint_data", "check_joint_data",
     "learn_tv_theta", "tv_reconstruct", "TV_THETA0", "TV_BOUNDS",
 ]

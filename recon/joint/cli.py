@@ -40,10 +40,19 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=7)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--clip-grad-norm", type=float, default=1.0,
+                   help="global gradient-norm clip (> 0; 0 turns clipping off)")
+    p.add_argument("--pretrain-epochs", type=int, default=0,
+                   help="joint routes: pretrain the reconstructor on MSE and the U-Net on clean "
+                        "images for this many epochs each, then train jointly (0: from scratch)")
+    p.add_argument("--joint-lr", type=float, default=None,
+                   help="learning rate of the joint stage after pretraining (default --lr)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="checkpoint folder (default runs/joint/<route>)")
-    p.add_argument("--resume", action="store_true", help="continue <out>/last.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out where it stopped (the same settings only; "
+                        "other settings are refused with the list of differences)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -51,16 +60,26 @@ def train_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``train``; returns ``{"model_path", "train_seconds"}``."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    # every setting is checked before any work (data simulation, training)
+    from .losses import check_weight
+
+    check_weight(args.C)
+    config = JointConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         clip_grad_norm=None if args.clip_grad_norm == 0 else args.clip_grad_norm,
+                         seed=args.seed, progress=not args.no_progress,
+                         pretrain_epochs=args.pretrain_epochs, joint_lr=args.joint_lr)
     setup = default_joint_setup(image_size=args.image_size, n_angles=args.n_angles,
                                 n_train=args.n_train, n_test=args.n_test,
                                 data_seed=args.data_seed, photons=args.photons)
     options = default_model_options(**{k: getattr(args, k) for k in default_model_options()})
-    operator, train = build_joint_data(setup, "train")
-    config = JointConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         seed=args.seed, progress=not args.no_progress)
     out = Path(args.out or f"runs/joint/{args.route}")
+    if args.resume and not out.is_dir():
+        raise FileNotFoundError(f"cannot resume: --out {str(out)!r} does not exist; train "
+                                "without --resume")
+    operator, train = build_joint_data(setup, "train")
     net, info = run_route(args.route, operator, train, config, options, C=args.C, out_dir=out,
-                          resume=args.resume, fbp_filter=setup["fbp_filter"])
+                          resume=args.resume, fbp_filter=setup["fbp_filter"],
+                          metadata={"setup": setup})
     path = save_checkpoint({"route": args.route, "C": args.C, "setup": setup, "options": options,
                             "seed": args.seed, "model": net.state_dict(),
                             "train_seconds": info["train_seconds"]}, out / "model.pt")

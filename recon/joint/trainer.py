@@ -37,9 +37,15 @@ class JointConfig:
         epochs: passes over the training set.
         batch_size: samples per step.
         lr: Adam learning rate of every trained network.
-        clip_grad_norm: global gradient-norm clip (``None``: none).
+        clip_grad_norm: global gradient-norm clip (``None``: none; else a finite number > 0).
         seed: seed of the weights (set by the caller before building them) and sample order.
         progress: tqdm progress bar.
+        pretrain_epochs: joint routes only: epochs of the two pretraining stages (``R_φ`` on the
+            MSE, ``S_ψ`` on the clean images) before the joint stage; ``0`` trains the joint
+            stage from scratch.
+        joint_lr: Adam learning rate of the joint stage after pretraining (``None``: ``lr``).
+
+    Every value is checked on construction (``TypeError`` / ``ValueError`` naming it).
     """
 
     epochs: int = 7
@@ -48,12 +54,27 @@ class JointConfig:
     clip_grad_norm: Optional[float] = 1.0
     seed: int = 0
     progress: bool = True
+    pretrain_epochs: int = 0
+    joint_lr: Optional[float] = None
 
     def __post_init__(self):
-        if int(self.epochs) < 1 or int(self.batch_size) < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name, low in (("epochs", 1), ("batch_size", 1), ("seed", 0), ("pretrain_epochs", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"JointConfig.{name} must be an int, got {type(value).__name__} {value!r}")
+            if value < low:
+                raise ValueError(f"JointConfig.{name} must be >= {low}, got {value!r}")
+        for name, optional in (("lr", False), ("clip_grad_norm", True), ("joint_lr", True)):
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"JointConfig.{name} must be a number, got {type(value).__name__} {value!r}")
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"JointConfig.{name} must be a finite number > 0"
+                                 + (" (or None)" if optional else "") + f", got {value!r}")
+        if not isinstance(self.progress, bool):
+            raise TypeError(f"JointConfig.progress must be a bool, got {self.progress!r}")
 
 
 class JointNet(nn.Module):
@@ -123,19 +144,43 @@ def _step(net, loss_fn, optimizer, batch, clip) -> dict:
     return {"loss": float(loss)}
 
 
-def _state(route, net, optimizer, result, config, meta, losses) -> dict:
+def _state(route, net, optimizer, result, config, meta, losses, total) -> dict:
     return {"route": route, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+            "total_steps": total,
             "epoch_losses": list(losses), "step": result.step, "epoch": result.epoch,
             "seconds": result.seconds,
             "history": [dict(r) for r in result.history], "rng": torch.get_rng_state(),
             "config": asdict(config), "metadata": dict(meta)}
 
 
-def _restore(path: Path, route: str, net, optimizer, result) -> list:
+#: settings that may change on resume (how a run reports, not what it computes)
+_RESUMABLE = ("progress",)
+
+
+def _restore(path: Path, route: str, net, optimizer, result, config, meta, total) -> list:
+    """Load ``last.pt`` into the objects; refuse another route or other settings (with the diff)."""
+    from recon.training.state import ResumeMismatchError, settings_differences
+
+    if not path.is_file():
+        raise FileNotFoundError(f"cannot resume: {str(path)!r} does not exist (no earlier run "
+                                f"in this folder); train without resume")
     state = load_checkpoint(path)
     if state.get("route") != route:
         raise ValueError(f"cannot resume {str(path)!r}: it is a checkpoint of route "
                          f"{state.get('route')!r}, this run is route {route!r}")
+    saved_cfg = {**asdict(JointConfig()), **(state.get("config") or {})}
+    now_cfg = asdict(config)
+    for key in _RESUMABLE:
+        saved_cfg.pop(key, None), now_cfg.pop(key, None)
+    diffs = settings_differences({"config": saved_cfg, "metadata": state.get("metadata") or {}},
+                                 {"config": now_cfg, "metadata": dict(meta)})
+    if state.get("total_steps", total) != total:
+        diffs.append(f"total_steps: {state.get('total_steps')} (saved) != {total} (now; epochs, "
+                     "batch_size and the number of training samples decide it)")
+    if diffs:
+        raise ResumeMismatchError(
+            f"cannot resume {str(path)!r} with other settings than it was trained with:\n  "
+            + "\n  ".join(diffs) + "\nuse the saved settings, or a new output folder")
     net.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
@@ -147,18 +192,29 @@ def _restore(path: Path, route: str, net, optimizer, result) -> list:
 def fit_joint(net: JointNet, loss_fn: JointLoss, train_data: TensorData, config: JointConfig,
               route: str, out_dir: Optional[str | Path] = None, *, resume: bool = False,
               max_steps: Optional[int] = None, metadata: Optional[Mapping[str, Any]] = None,
-              ) -> JointTrainResult:
+              lr: Optional[float] = None, epochs: Optional[int] = None) -> JointTrainResult:
     """Train the trainable parameters of ``net`` on ``loss_fn`` (module docstring).
 
     ``route`` names the run in its checkpoint; ``resume=True`` continues ``out_dir/last.pt`` and
-    raises ``ValueError`` if that file belongs to another route. ``max_steps`` stops early
-    (``last.pt`` written), e.g. to split a run.
+    raises ``ValueError`` if that file belongs to another route, and
+    :class:`recon.training.ResumeMismatchError` (listing every difference) if it was trained with
+    other settings (``config`` except ``progress``, ``metadata``, number of steps). ``lr`` and
+    ``epochs`` override ``config.lr`` / ``config.epochs`` (a stage of a multi-stage route).
+    ``max_steps`` stops early (``last.pt`` written), e.g. to split a run.
     """
     from tqdm.auto import tqdm
 
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)
+                                  or max_steps < 1):
+        raise ValueError(f"max_steps must be None or an int >= 1, got {max_steps!r}")
     params = [p for p in net.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"route {route!r}: net has no trainable parameters")
+    if lr is not None or epochs is not None:
+        from dataclasses import replace
+
+        config = replace(config, lr=config.lr if lr is None else lr,
+                         epochs=config.epochs if epochs is None else epochs)
     optimizer = torch.optim.Adam(params, lr=config.lr)
     n = len(train_data["sinogram"])
     per_epoch = math.ceil(n / config.batch_size)
@@ -168,7 +224,8 @@ def fit_joint(net: JointNet, loss_fn: JointLoss, train_data: TensorData, config:
     if resume:
         if last is None:
             raise ValueError("resume=True needs out_dir")
-        losses = _restore(last, route, net, optimizer, result)
+        losses = _restore(last, route, net, optimizer, result, config, metadata or {},
+                          config.epochs * per_epoch)
     stop = config.epochs * per_epoch if max_steps is None else min(max_steps, config.epochs * per_epoch)
     bar = tqdm(total=stop, initial=result.step, disable=not config.progress, unit="step",
                desc=route, dynamic_ncols=True, leave=False)
@@ -193,6 +250,7 @@ def fit_joint(net: JointNet, loss_fn: JointLoss, train_data: TensorData, config:
                                    "seconds": result.seconds})
             losses = []
         if last is not None:
-            save_checkpoint(_state(route, net, optimizer, result, config, metadata or {}, losses), last)
+            save_checkpoint(_state(route, net, optimizer, result, config, metadata or {}, losses,
+                                   config.epochs * per_epoch), last)
     bar.close()
     return result
