@@ -174,11 +174,14 @@ LOOPS = {"QuasiNewton": lambda *a: _loop_run(QuasiNewton, *a),
          "L-BFGS-B exact": _anchor_run}
 
 
-def run_one(name: str, built, max_iter: int) -> Dict[str, Any]:
-    """Every loop on one problem; the true final losses and the gaps to the best known loss."""
+def run_one(name: str, built, max_iter: int, loops=None) -> Dict[str, Any]:
+    """Every loop (or those named in ``loops``) on one problem; the true final losses and the
+    gaps to the best known loss."""
     inner, outer, theta0, batch, bounds, info = built
     rows = []
     for loop, fn in LOOPS.items():
+        if loops and loop not in loops:
+            continue
         row: Dict[str, Any] = dict(problem=name, loop=loop)
         if loop == "MAID" and not info["mu_available"]:
             row.update(skipped=True, verdict="skipped: no strong-convexity constant")
@@ -371,6 +374,8 @@ def _jsonable(res):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--problems", nargs="+", choices=ALL, default=list(ALL))
+    ap.add_argument("--loops", nargs="+", choices=list(LOOPS), default=None,
+                    help="run only these loops (default: all)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--max-iter", type=int, default=100, help="outer iteration cap of the loops")
     ap.add_argument("--quick", action="store_true", help="smoke run on tiny problems (temp folder)")
@@ -383,7 +388,8 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     max_iter = min(a.max_iter, 3) if a.quick else a.max_iter
     ANCHOR_MAXITER[0] = 5 if a.quick else 15000
-    out = tempfile.mkdtemp(prefix="outer_loops_") if a.quick else a.out
+    partial = a.quick or a.loops is not None  # never over the committed results
+    out = tempfile.mkdtemp(prefix="outer_loops_") if partial else a.out
     if a.quick:
         print("smoke run: numbers are not meaningful")
     res, infos = {}, {}
@@ -391,7 +397,7 @@ def main(argv=None):
         info = built[5]
         info["exact_curves"] = not name.startswith(("quickstart", "foe", "cleaning"))
         infos[name] = info
-        res[name] = run_one(name, built, max_iter)
+        res[name] = run_one(name, built, max_iter, a.loops)
     print(table(res))
     print("targets of the QuasiNewton loop:")
     for line in targets(res):

@@ -56,7 +56,9 @@ accuracies). Early iterations are cheap; accuracy is bought where the step test 
 **Stopping** (``success=True`` is a checked claim): when ``‖G(g_k)‖ ≤ gtol·‖G(g_0)‖``, θ_k is
 re-evaluated at the confirmation accuracy ``ε_c = max(ε_min, 10⁻²·gtol)`` (inner and CG
 converged, the sign at active bounds included) and the run succeeds only if the test still
-holds there. When every step down to ``xtol·(1 + ‖θ‖)`` fails at the accuracy floor with the
+holds there and the decrease the quasi-Newton model still expects from a full step,
+``−½⟨g, Π(θ_k + d) − θ_k⟩``, is at most ``ftol·(ℓ₀ − ℓ_k)`` (a flat stretch, where ``‖g‖`` is
+small but the curvature is smaller still, is not taken for an optimum). When every step down to ``xtol·(1 + ‖θ‖)`` fails at the accuracy floor with the
 memory cleared, the run succeeds if ``‖G(g)‖ ≤ floor_gtol·‖G(g_0)‖`` ("no measurable decrease
 left") and fails otherwise. Inner failures at every step size, a failure at an accepted point,
 and the iteration cap end the run with ``success=False`` and a message naming the cause.
@@ -106,6 +108,7 @@ class QuasiNewtonState(LoopState):
     q: Optional[Tensor] = None
     gnorm: float = math.nan
     g0: Optional[float] = None
+    loss0: float = math.nan
     eps: float = math.nan
     inner_ref: float = 1.0
     s_mem: List[Tensor] = field(default_factory=list)
@@ -182,7 +185,9 @@ class QuasiNewton(OuterLoop):
     max_iter: outer iterations (every trial point is one, accepted or not).
     max_move: cap of one step, ``‖Δθ‖_∞ ≤ max_move·max(1, ‖θ‖_∞)``.
     c1: sufficient-decrease constant in (0, 1).
-    gtol: relative stopping tolerance on ``‖G(g)‖`` (``0`` disables it); floor_gtol: the looser
+    gtol: relative stopping tolerance on ``‖G(g)‖`` (``0`` disables it); ftol: a stop also
+        needs the decrease the quasi-Newton model still expects, ``−½⟨g, Δθ⟩``, to be at most
+        ``ftol·(ℓ₀ − ℓ_k)`` (``0`` disables it); floor_gtol: the looser
         one accepted when no measurable decrease is left at the accuracy floor; xtol: the
         shortest step tried, relative to ``1 + ‖θ‖``.
     bounds, inner_method, inner_max_iter, param_optimizer, callback, progress, checkpoint: as for
@@ -205,7 +210,7 @@ class QuasiNewton(OuterLoop):
     def __init__(self, inner: InnerProblem, outer: OuterLoss,
                  estimator: Optional[HypergradientEstimator] = None, *, memory: int = 10,
                  tol0: float = 0.1, tol_rate: float = 0.1, tol_min: Optional[float] = None, max_iter: int = 100,
-                 max_move: float = 2.0, c1: float = 1e-4, gtol: float = 1e-6,
+                 max_move: float = 2.0, c1: float = 1e-4, gtol: float = 1e-6, ftol: float = 1e-7,
                  floor_gtol: float = 1e-3, xtol: float = 1e-10, bounds: Optional[Bounds] = None,
                  inner_method: str = "newton-cg", inner_max_iter: Optional[int] = None,
                  param_optimizer: Optional[torch.optim.Optimizer] = None,
@@ -228,6 +233,7 @@ class QuasiNewton(OuterLoop):
         self.c1 = _unit("c1", c1)
         self.gtol = check_tolerance("gtol", gtol, allow_zero=True)
         self.floor_gtol = check_tolerance("floor_gtol", floor_gtol, allow_zero=True)
+        self.ftol = check_tolerance("ftol", ftol, allow_zero=True)
         self.xtol = check_tolerance("xtol", xtol)
         if self.gtol >= 1 or self.floor_gtol >= 1:
             raise ValueError(f"gtol and floor_gtol must be < 1, got gtol={gtol!r}, "
@@ -297,7 +303,7 @@ class QuasiNewton(OuterLoop):
         return rec
 
     # ----- the direction ----------------------------------------------------------------------
-    def _direction(self, st: QuasiNewtonState, flat: _Flat) -> Tuple[Tensor, str]:
+    def _direction(self, st: QuasiNewtonState, flat: _Flat, cap: bool = True) -> Tuple[Tensor, str]:
         """The projected L-BFGS direction at ``θ_k`` (module docstring), capped in length."""
         th, g = flat.vec(st.theta), flat.vec(st.grad)
         eps_a = min(1e-3, st.gnorm)
@@ -314,13 +320,14 @@ class QuasiNewton(OuterLoop):
         d = -lbfgs_two_loop(g * free, [s * free for s in st.s_mem],
                             [y * free for y in st.y_mem], gamma) - gamma * g * (1 - free)
         if not (bool(torch.isfinite(d).all()) and float(g @ d) < 0):
-            st.s_mem, st.y_mem = [], []
+            if cap:
+                st.s_mem, st.y_mem = [], []
             gamma = first / gmax if gmax > 0 else 1.0
             d, kind = -gamma * g, "gradient"
-        cap = self.max_move * max(1.0, float(th.abs().max()))
+        limit = self.max_move * max(1.0, float(th.abs().max()))
         dmax = float(d.abs().max())
-        if dmax > cap:
-            d = d * (cap / dmax)
+        if cap and dmax > limit:
+            d = d * (limit / dmax)
         return d, kind
 
     # ----- the step test ----------------------------------------------------------------------
@@ -452,13 +459,22 @@ class QuasiNewton(OuterLoop):
                           f"θ = {theta_floats(st.theta)}")
             return
         self._note_accepted(st, st.loss)
+        if not math.isfinite(st.loss0):
+            st.loss0 = st.loss
         if st.g0 is None or st.g0 == 0.0:
             st.g0 = st.gnorm
 
     # ----- stopping ---------------------------------------------------------------------------
     def _check_stop(self, st: QuasiNewtonState, flat: _Flat) -> None:
-        if self.gtol == 0 or st.gnorm > self.gtol * st.g0:
+        """Stop when ``‖G‖ ≤ gtol·‖G₀‖`` and the model decrease is at most ``ftol·(ℓ₀ − ℓ)``,
+        claimed only at the confirmation accuracy. (A looser gradient test with the model test
+        alone gave false successes: the L-BFGS model underestimates what is left.)"""
+        if not (self.gtol > 0 and st.gnorm <= self.gtol * st.g0):
             return
+        model = self._model_decrease(st, flat)
+        allowed = self.ftol * max(st.loss0 - st.loss, 0.0)
+        if self.ftol > 0 and model > allowed:
+            return  # flat but not finished: the curvature model expects more decrease
         confirm = self._confirm_eps(st)
         if st.grad_eps > confirm * (1 + 1e-12) or not (st.inner_ok and st.cg_ok):
             if st.grad_eps <= confirm * (1 + 1e-12):  # already at that accuracy, not converged
@@ -469,5 +485,13 @@ class QuasiNewton(OuterLoop):
             st.eps, st.grad, st.direction = confirm, None, None  # re-evaluate θ_k there
             return
         st.success = True
-        st.message = (f"converged: projected hypergradient norm {st.gnorm:.3e} ≤ gtol·‖G(g₀)‖ "
-                      f"= {self.gtol * st.g0:.3e}, confirmed at relative accuracy {confirm:.1e}")
+        st.message = (f"converged: projected hypergradient norm {st.gnorm:.3e} ≤ gtol·‖G(g₀)‖, "
+                      f"confirmed at relative accuracy {confirm:.1e}; the quasi-Newton model "
+                      f"expects a further decrease of {model:.2e} ≤ ftol·(ℓ₀ − ℓ) = {allowed:.2e}")
+
+    def _model_decrease(self, st: QuasiNewtonState, flat: _Flat) -> float:
+        """``−½⟨g, Δθ⟩`` for the full quasi-Newton step ``Δθ = Π(θ + d) − θ``: the decrease the
+        curvature model still expects (large on a flat stretch where ``‖g‖`` alone is small)."""
+        d, _ = self._direction(st, flat, cap=False)
+        th = flat.vec(st.theta)
+        return max(0.0, -0.5 * float(flat.vec(st.grad) @ (flat.project(th + d) - th)))

@@ -1,5 +1,5 @@
-"""Quickstart: learn the smoothed-TV denoising hyperparameters with HOAG — for the pixels, and
-for the task that follows.
+"""Quickstart: learn the smoothed-TV denoising hyperparameters with the quasi-Newton bilevel loop —
+for the pixels, and for the task that follows.
 
     python examples/quickstart.py [--iters 100] [--n-train 16] [--sigma 0.1] [--out outputs/quickstart]
     python examples/quickstart.py --no-task          # the first part only
@@ -14,7 +14,7 @@ and a PNG of sample images.
 
 Second part (task-adapted, reference §3.4): a small CNN ``T*`` is trained on clean 32×32
 scikit-learn digits; the digits get noise σ = ``--task-sigma`` (0.5). θ is learned twice with
-HOAG on ``--task-n-train`` noisy training digits — for the MSE to the clean digits, and then,
+the quasi-Newton loop on ``--task-n-train`` noisy training digits — for the MSE to the clean digits, and then,
 starting from that θ, for the classification loss ``CE(T*(x̂(θ)), s)`` — and both are scored by T*'s accuracy on 450 held-out
 digits, next to T* on the clean and on the noisy digits.
 """
@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from bilevel import HOAG, Bounds, solve_inner
+from bilevel import Bounds, QuasiNewton, solve_inner
 from recon.data.natural_images import denoising_batch
 from recon.losses import MSEToTarget
 from recon.metrics import psnr, ssim
@@ -43,7 +43,7 @@ def mean_metrics(x: torch.Tensor, clean: torch.Tensor):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    ap.add_argument("--iters", type=int, default=100, help="HOAG outer iterations")
+    ap.add_argument("--iters", type=int, default=100, help="outer iterations (a cap: the loop stops by itself)")
     ap.add_argument("--n-train", type=int, default=16)
     ap.add_argument("--n-test", type=int, default=16)
     ap.add_argument("--size", type=int, default=64)
@@ -54,7 +54,7 @@ def main(argv=None):
     ap.add_argument("--task-sigma", type=float, default=0.5,
                     help="noise of the task part (at 0.3 the two θ tie; at 0.5 they differ)")
     ap.add_argument("--task-n-train", type=int, default=100, help="noisy digits θ is learned on")
-    ap.add_argument("--task-iters", type=int, default=10, help="HOAG iterations per route")
+    ap.add_argument("--task-iters", type=int, default=10, help="outer iterations per route (a cap)")
     ap.add_argument("--task-epochs", type=int, default=3, help="epochs of T* on clean digits")
     ap.add_argument("--task-n-test", type=int, default=450, help="held-out digits (at most 450)")
     args = ap.parse_args(argv)
@@ -66,11 +66,11 @@ def main(argv=None):
     inner, outer = TVDenoising(), MSEToTarget()
     theta0 = {"log_weight": torch.tensor(-5.0, dtype=dt), "log_smoothing": torch.tensor(-3.0, dtype=dt)}
 
-    hoag = HOAG(inner, outer, max_iter=args.iters,
+    loop = QuasiNewton(inner, outer, max_iter=args.iters,
                 bounds=Bounds(lower={"log_smoothing": -12.0}, upper={"log_smoothing": 2.0}),
                 progress=not args.no_progress)
     t0 = time.perf_counter()
-    res = hoag.run(theta0, train)
+    res = loop.run(theta0, train)
     seconds = time.perf_counter() - t0
 
     rows = [("noisy", *mean_metrics(test["y"], test["image"]))]
@@ -81,7 +81,7 @@ def main(argv=None):
         rows.append((label, *mean_metrics(x, test["image"])))
 
     th = {k: float(v) for k, v in res.theta.items()}
-    print(f"\nHOAG: {res.n_iter} outer iterations in {seconds:.1f} s ({res.message}); "
+    print(f"\nQuasiNewton: success={res.success}, {res.n_iter} outer iterations in {seconds:.1f} s ({res.message}); "
           f"learned θ = {th} (weight e^θ₀ = {np.exp(th['log_weight']):.3g}, "
           f"smoothing e^θ₁ = {np.exp(th['log_smoothing']):.3g})")
     print(f"upper loss (train MSE): {res.history[0]['upper_loss']:.3e} → {res.upper_loss:.3e}\n")
@@ -131,11 +131,12 @@ def task_part(args):
     start = theta0                      # the task route continues from the MSE-learned θ
     for label, outer in (("TV, θ learned for MSE", MSEToTarget()),
                          ("TV, θ learned for the task", TaskLoss(TaskOperator(net), ClassificationLoss()))):
-        r = HOAG(inner, outer, max_iter=args.task_iters, bounds=bounds,
+        r = QuasiNewton(inner, outer, max_iter=args.task_iters, bounds=bounds,
                  progress=not args.no_progress).run(start, train)
         start = r.theta
         x = solve_inner(inner, r.theta, {"y": y_test}, tol=1e-7).x
         rows.append((label, acc(x), {k: round(float(v), 3) for k, v in r.theta.items()}))
+        print(f"{label}: {r.n_iter} iterations, success={r.success} ({r.message[:70]})")
     print(f"\ntask: classify 32×32 digits with noise σ = {args.task_sigma} "
           f"(T* trained on clean digits; {len(test['label'])} held-out digits)")
     print(f"{'':<34}{'accuracy':>10}   θ")

@@ -157,7 +157,7 @@ def test_ct_joint_quick_example_runs(tmp_path, one_torch_thread):
         assert len(saved["rows"][route]) == 2
         assert all(0.0 <= r["dice"] <= 1.0 for r in saved["rows"][route])
     assert sorted(float(c) for c in saved["sweep"]) == [0.0, 0.1, 0.5, 0.9, 1.0]
-    assert saved["step_time"]["ratio"] > 0 and result["total_seconds"] < 60
+    assert saved["step_time"]["ratio"] > 0
 
 
 @pytest.mark.parametrize("field, value, error", [

@@ -82,11 +82,9 @@ def _load(name, rel):
 
 
 @pytest.mark.parametrize("script", ["stanford_dogs", "cityscapes"])
-def test_example_quick_runs_within_a_minute(script, tmp_path, capsys):
+def test_example_quick_runs(script, tmp_path, capsys):
     mod = _load(script, f"examples/{script}.py")
-    t0 = time.perf_counter()
     out = mod.main(["--quick", "--no-progress", "--threads", "1", "--out", str(tmp_path)])
-    assert time.perf_counter() - t0 < 60
     rows = out["results"]["0.3"]
     assert [r["route"] for r in rows][:3] == ["T* on clean", "T* on noisy", "TV, MSE-learned θ"]
     assert len(rows) == 6 and all("theta" in r for r in rows[2:])

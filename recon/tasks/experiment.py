@@ -3,20 +3,20 @@
 For a pretrained task network ``T*`` and noisy images ``y = x + σn`` the rows are
 
 * ``T* on clean`` / ``T* on noisy``: ``T*(x)`` and ``T*(y)``;
-* ``TV, MSE-learned θ``: ``T*(x̂(θ_mse))`` with ``θ_mse = argmin_θ mean‖x̂(θ) − x‖²`` (HOAG), the
+* ``TV, MSE-learned θ``: ``T*(x̂(θ_mse))`` with ``θ_mse = argmin_θ mean‖x̂(θ) − x‖²`` (QuasiNewton), the
   sequential route (denoise for the pixels, then apply the task);
-* ``TV, task-learned θ (tol τ)``: ``θ_task = argmin_θ L(T*(x̂(θ)), s)`` (HOAG, task loss
+* ``TV, task-learned θ (tol τ)``: ``θ_task = argmin_θ L(T*(x̂(θ)), s)`` (QuasiNewton, task loss
   ``L``), the inner problem and CG solved to the relative tolerance ``τ``;
 * ``TV, task-learned θ + fine-tuned T``: the same with the selected layers ``φ`` of ``T``
   stepped by Adam in the same loop, scored with ``T_φ(x̂(θ))``.
 
-The task routes start where the MSE route ended (HOAG then descends the task loss from
+The task routes start where the MSE route ended (the loop then descends the task loss from
 ``θ_mse``): started at :data:`THETA0` instead, the task loss's slope toward *less* smoothing at
-tiny TV weights led HOAG to the weight's lower bound on the digit scenes at σ = 0.1 (no
+tiny TV weights led the loop to the weight's lower bound on the digit scenes at σ = 0.1 (no
 denoising at all). ``x̂(θ)`` is :class:`recon.problems.TVDenoising`. θ is learned on a small training set and every
 row is scored on a held-out test set. "Relative tolerance τ" means the absolute tolerance
 ``τ · max_b‖∇ₓΦ_b(y_b; θ₀)‖`` (the inner gradient norm at the start, in the problem's units) on
-the inner gradient and the CG residual, held constant (HOAG ``tolerance="constant"``).
+the inner gradient and the CG residual, held constant (``QuasiNewton(tol0=τ, tol_min=τ)``).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from bilevel import HOAG, Bounds, solve_inner
+from bilevel import Bounds, QuasiNewton, solve_inner
 
 from ..losses import MSEToTarget
 from ..problems import TVDenoising
@@ -66,15 +66,16 @@ def denoise(theta: Mapping[str, Tensor], y: Tensor, rel_tol: float = 1e-5, chunk
 def learn_theta(outer: nn.Module, train: Mapping[str, Tensor], rel_tol: float, max_iter: int,
                 param_optimizer: Optional[torch.optim.Optimizer] = None, progress: bool = False,
                 start: Optional[Mapping[str, Tensor]] = None):
-    """HOAG on ``TVDenoising`` with the upper loss ``outer`` from ``start`` (default
-    :func:`theta0`); returns ``(Result, seconds)``. ``train`` holds ``"y"`` (noisy), ``"image"``
-    and ``"label"``."""
+    """:class:`bilevel.QuasiNewton` on ``TVDenoising`` with the upper loss ``outer`` from
+    ``start`` (default :func:`theta0`), the inner and CG accuracy fixed at the relative
+    ``rel_tol`` (as the reference fixes its inner tolerance); returns ``(Result, seconds)``.
+    ``train`` holds ``"y"`` (noisy), ``"image"`` and ``"label"``."""
     th0 = theta0(train["y"].dtype) if start is None else {k: v.detach().clone() for k, v in start.items()}
-    # HOAG's tolerances are relative (inner: to max_b‖∇ₓΦ_b(x⁰)‖, CG: to ‖(∇ₓℓ)_b‖)
-    hoag = HOAG(TVDenoising(), outer, tolerance="constant", tol0=rel_tol, max_iter=max_iter,
-                bounds=BOUNDS, param_optimizer=param_optimizer, progress=progress)
+    # relative accuracies (inner: to max_b‖∇ₓΦ_b(x⁰)‖, CG: to ‖(∇ₓℓ)_b‖), held at rel_tol
+    loop = QuasiNewton(TVDenoising(), outer, tol0=rel_tol, tol_min=rel_tol, max_iter=max_iter,
+                       bounds=BOUNDS, param_optimizer=param_optimizer, progress=progress)
     t0 = time.perf_counter()
-    res = hoag.run(th0, dict(train))
+    res = loop.run(th0, dict(train))
     return res, time.perf_counter() - t0
 
 
@@ -83,7 +84,8 @@ def _row(name: str, scores: Mapping[str, float], theta=None, res=None, seconds=N
     if theta is not None:
         row["theta"] = {k: float(v) for k, v in theta.items()}
     if res is not None:
-        row.update(hoag_iterations=res.n_iter, hoag_message=res.message, seconds=round(seconds, 2))
+        row.update(hoag_iterations=res.n_iter, hoag_message=res.message, converged=res.success,
+                   seconds=round(seconds, 2))
     return row
 
 
