@@ -10,6 +10,7 @@ from .hoag import HOAG
 from .adaptive import AdaptiveInexact
 from .maid import MAID
 from .hypergrad import ImplicitCG, Unrolled
+from .minibatch import MinibatchBilevel
 from .implicit import implicit_vjp
 from .linalg import NonPositiveCurvatureError, batched_cg
 from .problem import (Bounds, ErrorBound, Hypergradient, HypergradientEstimator, InnerProblem,
@@ -17,7 +18,7 @@ from .problem import (Bounds, ErrorBound, Hypergradient, HypergradientEstimator,
 from .solvers import SolveResult, solve_inner
 
 __all__ = [
-    "HOAG", "MAID", "ImplicitCG", "Unrolled", "AdaptiveInexact", "InnerProblem", "OuterLoss",
+    "HOAG", "MAID", "MinibatchBilevel", "ImplicitCG", "Unrolled", "AdaptiveInexact", "InnerProblem", "OuterLoss",
     "HypergradientEstimator", "Hypergradient", "ErrorBound", "Result", "History", "Bounds",
     "SolveResult", "solve_inner", "batched_cg", "implicit_vjp", "tolerance_schedule",
     "NonPositiveCurvatureError",
