@@ -11,7 +11,7 @@ reference gets too costly for two cores).
 
 Rows: the full-batch optimum θ* (scipy L-BFGS-B on exact hypergradients over the whole training
 set: inner solves and CG to 1e-9 relative, warm-started), full-batch HOAG (defaults), and
-``MinibatchBilevel`` with its optimisers (Adam + cosine, SAG + Barzilai–Borwein) — the test loss
+``MinibatchBilevel`` with its optimisers (Adam + cosine, SAG with RMS scaling + cosine) — the test loss
 and its gap to θ*'s, ``cost`` (inner + CG iterations, the loops' unit), ``work`` (each iteration
 times the samples it ran on: compute), seconds. Peak memory: one short run per data-set size in
 a fresh process (samples cut on the fly, bounded warm-start cache), its peak RSS.
@@ -193,7 +193,7 @@ def parse(argv):
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--adam-lr", type=float, default=0.2)
-    ap.add_argument("--sag-lr", type=float, default=1.0)
+    ap.add_argument("--sag-lr", type=float, default=0.2)
     ap.add_argument("--hoag-iters", type=int, default=100)
     ap.add_argument("--memory-sizes", type=int, nargs="*", default=[1024, 4096, 16384])
     ap.add_argument("--memory-patch", type=int, default=32)

@@ -12,7 +12,7 @@ order per epoch), and
    from the cached adjoints ``q_i`` (given as the estimator's warm state);
 3. stores ``x_i, q_i`` in a bounded LRU :class:`~bilevel.warmcache.WarmStartCache` and takes
    an outer step (:mod:`bilevel.stochastic`: Adam with a cosine schedule by default, SGD, or the
-   variance-reduced SAG with Barzilai–Borwein steps), projected onto the bounds.
+   variance-reduced SAG with per-coordinate RMS scaling), projected onto the bounds.
 
 The relative accuracy tightens per epoch, ``ε_e = max(tol0·tol_rate^e, tol_min)`` (the
 increasing-accuracy rule of inexact stochastic methods). After every epoch the loss on the
@@ -155,7 +155,7 @@ class MinibatchBilevel:
     estimator: hypergradient estimator (default :class:`~bilevel.ImplicitCG`), called with a
         relative CG tolerance and warm-started through ``load_warm_state({"q": q0})``.
     optimizer: ``"adam"`` (default), ``"sgd"`` or ``"sag"`` (:mod:`bilevel.stochastic`).
-    lr: learning rate (``"sag"``: the length of its first move in θ).
+    lr: learning rate (Adam and SAG: the largest move of a coordinate per step).
     schedule, lr_min: ``"cosine"`` (default; floored at ``lr_min·lr``), ``"constant"`` or
         ``"step"`` (Adam and SGD).
     optimizer_options: extra keyword arguments of ``torch.optim.Adam`` / ``SGD``.

@@ -6,14 +6,14 @@ hypergradients ``g_k``), each with a checkpointable state.
   ``lr_min``), ``1`` (``"constant"``), or ``0.1^{⌊4t⌋−1}`` after the half (``"step"``: ×0.1 at
   50 % and 75 % of the run); θ is projected onto the bounds after every step.
 * ``"sag"``: the stochastic average gradient over *fixed* minibatches ``j = 1..J`` (Le Roux,
-  Schmidt & Bach 2012; the variance-reduced bilevel methods SABA of Dagréou et al. 2022 use the
+  Schmidt & Bach 2012; the variance-reduced bilevel method SABA of Dagréou et al. 2022 keeps the
   same memory): ``ḡ = (1/J')Σ_j m_j`` with ``m_j`` the last hypergradient of minibatch ``j``
-  (``J'`` minibatches seen so far), ``θ ← Π(θ − α ḡ)``. The step ``α`` is scale-free: the first
-  step moves θ by ``lr`` (``α₀ = lr/‖g₀‖``); after every epoch it is the Barzilai–Borwein step
-  of the epoch's displacement ``α = ⟨s, s⟩/(J⟨s, y⟩)`` (``s = θ_e − θ_{e−1}``,
-  ``y = ḡ_e − ḡ_{e−1}``; Tan et al. 2016, SAG/SVRG-BB), kept within ``[α/10, 10α]``, unchanged
-  when ``⟨s, y⟩ ≤ 0``, halved when the epoch's mean minibatch loss went up; no step moves θ by
-  more than ``lr`` (a trust cap: a long BB step cannot throw θ onto a far plateau).
+  (``J'`` minibatches seen so far), preconditioned per coordinate by the root mean square of the
+  memory, ``θ ← Π(θ − lr_k ḡ/(√(mean_j m_j²) + δ))`` (``δ = 10⁻¹²·max``), with the same
+  schedule ``lr_k`` as Adam: each coordinate moves by at most ``lr_k`` per step, whatever the
+  units. (Plain SAG steps ``α ḡ`` with a scale-free ``α`` — first move of length ``lr``,
+  Barzilai–Borwein per epoch — zigzagged between the log-weight and log-smoothing directions on
+  TV denoising and were dropped.)
 """
 from __future__ import annotations
 
@@ -88,21 +88,20 @@ def _flat(d: Mapping[str, Tensor], names: List[str]) -> Tensor:
 
 
 class SAGStep:
-    """Stochastic average gradient with Barzilai–Borwein steps over fixed minibatches (module
-    docstring); all its state is tensors and floats."""
+    """Stochastic average gradient over fixed minibatches with per-coordinate RMS scaling and a
+    learning-rate schedule (module docstring); all its state is tensors and numbers."""
 
-    def __init__(self, theta: Theta, lr: float, n_batches: int, bounds: Optional[Bounds]):
+    def __init__(self, theta: Theta, lr: float, n_batches: int, bounds: Optional[Bounds],
+                 schedule: str = "cosine", total_steps: int = 1, lr_min: float = 0.0):
         self.names = sorted(theta)
         self.shapes = {n: (theta[n].shape, theta[n].dtype, theta[n].device) for n in self.names}
         d = sum(theta[n].numel() for n in self.names)
         self.lr, self.J, self.bounds = float(lr), int(n_batches), bounds
+        self.schedule, self.total, self.lr_min = schedule, max(int(total_steps), 1), lr_min
         self.mem = torch.zeros(self.J, d, dtype=torch.float64)
         self.seen = torch.zeros(self.J, dtype=torch.bool)
-        self.total = torch.zeros(d, dtype=torch.float64)
-        self.alpha: Optional[float] = None
-        self.prev_theta: Optional[Tensor] = None
-        self.prev_avg: Optional[Tensor] = None
-        self.prev_loss = math.inf
+        self.total_grad = torch.zeros(d, dtype=torch.float64)
+        self.k = 0
 
     def _unflat(self, v: Tensor) -> Theta:
         out, i = {}, 0
@@ -114,53 +113,34 @@ class SAGStep:
         return out
 
     @property
-    def avg(self) -> Tensor:
-        return self.total / max(int(self.seen.sum()), 1)
+    def step_size(self) -> float:
+        """The learning rate of the next step."""
+        return self.lr * _factor(self.schedule, self.k / self.total, self.lr_min)
 
     def step(self, theta: Theta, grad: Theta, batch_id: int) -> Theta:
-        """``θ ← Π(θ − α ḡ)`` after replacing minibatch ``batch_id``'s memory by ``grad``."""
+        """Replace minibatch ``batch_id``'s memory by ``grad``, then
+        ``θ ← Π(θ − lr_k ḡ/(RMS + δ))``."""
         j = batch_id % self.J
         g = _flat(grad, self.names)
-        self.total += g - self.mem[j] if bool(self.seen[j]) else g
+        self.total_grad += g - self.mem[j] if bool(self.seen[j]) else g
         self.mem[j], self.seen[j] = g, True
-        th = _flat(theta, self.names)
-        if self.alpha is None:
-            self.alpha = self.lr / max(float(g.norm()), 1e-300)
-            self.prev_theta, self.prev_avg = th.clone(), g.clone()
-        move = self.alpha * self.avg
-        size = float(move.norm())
-        if size > self.lr:  # a trust cap: no step moves θ by more than lr
-            move = move * (self.lr / size)
-        return project(self._unflat(th - move), self.bounds)
-
-    @property
-    def step_size(self) -> float:
-        return math.nan if self.alpha is None else self.alpha
+        seen = int(self.seen.sum())
+        avg = self.total_grad / seen
+        rms = (self.mem[self.seen] ** 2).mean(0).sqrt()
+        delta = 1e-12 * float(rms.max()) + 1e-300
+        move = self.step_size * avg / (rms + delta)
+        self.k += 1
+        return project(self._unflat(_flat(theta, self.names) - move), self.bounds)
 
     def end_epoch(self, theta: Theta, epoch_loss: float) -> None:
-        """Barzilai–Borwein update of ``α`` (module docstring)."""
-        if self.alpha is None:
-            return
-        th, avg = _flat(theta, self.names), self.avg
-        s, y = th - self.prev_theta, avg - self.prev_avg
-        sy = float(s @ y)
-        if sy > 0:
-            bb = float(s @ s) / sy / self.J
-            self.alpha = min(max(bb, self.alpha / 10), 10 * self.alpha)
-        if math.isfinite(epoch_loss) and epoch_loss > self.prev_loss:
-            self.alpha /= 2
-        self.prev_theta, self.prev_avg, self.prev_loss = th, avg.clone(), epoch_loss
+        """Nothing to do between epochs (the schedule runs per step)."""
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"mem": self.mem, "seen": self.seen, "total": self.total,
-                "alpha": self.alpha, "prev_theta": self.prev_theta, "prev_avg": self.prev_avg,
-                "prev_loss": self.prev_loss}
+        return {"mem": self.mem, "seen": self.seen, "total": self.total_grad, "k": self.k}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        for k in ("mem", "seen", "total", "prev_theta", "prev_avg"):
-            v = state[k]
-            setattr(self, k, None if v is None else v.clone())
-        self.alpha, self.prev_loss = state["alpha"], state["prev_loss"]
+        self.mem, self.seen = state["mem"].clone(), state["seen"].clone()
+        self.total_grad, self.k = state["total"].clone(), int(state["k"])
 
 
 def make_optimizer(kind: str, theta: Theta, *, lr: float, schedule: str, total_steps: int,
@@ -168,5 +148,5 @@ def make_optimizer(kind: str, theta: Theta, *, lr: float, schedule: str, total_s
                    options: Mapping[str, Any]):
     """The outer optimiser named ``kind`` (one of :data:`OPTIMIZERS`) at θ."""
     if kind == "sag":
-        return SAGStep(theta, lr, n_batches, bounds)
+        return SAGStep(theta, lr, n_batches, bounds, schedule, total_steps, lr_min)
     return TorchStep(kind, theta, lr, schedule, total_steps, lr_min, bounds, options)

@@ -142,12 +142,12 @@ def test_success_only_after_the_full_data_check():
     assert "full-data check did not pass" in strict.message
     last = strict.state["epochs"][-1]
     assert last["check_converged"] and not last["check_passed"] and last["check_cost"] > 0
-    loose = W.make_loop(optimizer="sag", gtol=0.5, epochs=8, check_every=1).run(theta0, data)
+    loose = W.make_loop(optimizer="sag", gtol=0.8, epochs=8, check_every=1).run(theta0, data)
     assert loose.success and "full-data check after epoch" in loose.message
     ep = loose.state["epochs"]
     assert len(ep) < 8 and ep[-1]["check_passed"] and all(not e["check_passed"] for e in ep[:-1])
     g0 = max(r["grad_norm"] for r in loose.history if r["epoch"] == 0)
-    assert ep[-1]["check_grad_norm"] <= 0.5 * g0 < min(e["check_grad_norm"] for e in ep[:-1])
+    assert ep[-1]["check_grad_norm"] <= 0.8 * g0 < min(e["check_grad_norm"] for e in ep[:-1])
 
 
 def test_validation_keeps_the_best_epoch_theta():
