@@ -163,7 +163,7 @@ class MinibatchBilevel:
         ranks), seed of the order, reshuffle every epoch.
     tol0, tol_rate, tol_min: the relative accuracy ``ε_e`` per epoch (``tol_min`` ``None``:
         ``1e-8`` in float64, ``1e-4`` otherwise); ``check_tol`` that of validation and the
-        full-data check (``None``: ``tol_min``).
+        full-data check (``None``: ``10⁻³·gtol``, at least ``tol_min``).
     gtol, check_every: the full-data check (module docstring).
     bounds, inner_method, inner_max_iter: as in :class:`~bilevel.HOAG`.
     cache_bytes, cache_items, cache_device: bounds and device of each warm-start cache
@@ -349,7 +349,11 @@ class MinibatchBilevel:
         return max(self.tol0 * self.tol_rate ** epoch, self._floor(dtype))
 
     def _check_eps(self, dtype: torch.dtype) -> float:
-        return self.check_tol if self.check_tol is not None else self._floor(dtype)
+        """``check_tol``, or ``10⁻³·gtol`` (an error well below the threshold it must support),
+        floored at ``tol_min``."""
+        if self.check_tol is not None:
+            return self.check_tol
+        return max(1e-3 * self.gtol, self._floor(dtype)) if self.gtol > 0 else self._floor(dtype)
 
     # ----- one minibatch ----------------------------------------------------------------------
     def _weighted(self, n_local: int, n_global: int):
