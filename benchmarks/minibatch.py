@@ -112,7 +112,7 @@ def minibatch_rows(args, train, val, test, opt_test):
         ep = res.state["epochs"]
         extra = dict(success=res.success, message=res.message,
                      val_work=sum(e.get("val_work", 0) for e in ep),
-                     check_work=ep[-1]["check_cost"] * len(train["y"]),
+                     check_work=ep[-1]["check_cost"] * args.batch_size,  # every check batch is full
                      epochs=[{k: v for k, v in e.items() if k != "theta"} | {"theta": e["theta"]} for e in ep])
         rows.append(row(f"minibatch {opt} (final θ)", res.theta, test, opt_test, last["cost"] +
                         ep[-1]["check_cost"], ep[-1]["work"], sec, **extra))
