@@ -74,7 +74,7 @@ def test_mkdocs_build_strict_and_api_covers_every_public_name(tmp_path):
 
 
 def test_every_tutorial_has_code_and_shows_a_figure():
-    assert len(TUTORIALS) == 6
+    assert len(TUTORIALS) == 7
     for page in TUTORIALS:
         title = page.read_text(encoding="utf-8").splitlines()[0].lower()
         assert "not yet" not in title, f"{page.name} is still a placeholder"
