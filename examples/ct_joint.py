@@ -189,7 +189,7 @@ def save_png(path: Path, test: dict, samples: dict) -> None:
                   ("predicted mask", out["logits"][0].argmax(0)), ("true mask", test["mask"][0, 0])]
         for ax, (title, img) in zip(ax_row, panels):
             ax.imshow(img.float().numpy(), cmap="gray")
-            ax.set_title(title, fontsize=8)
+            ax.set_title(title, fontsize=9)
             ax.axis("off")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -178,8 +178,8 @@ def _save_samples(path: Path, imgs, labels, task: str, k: int = 2) -> None:
                 axes[i, 2 * j + 1].imshow(logits[j].argmax(0), cmap="tab20", vmin=0, vmax=19,
                                           interpolation="nearest")
             else:
-                ax.set_title(f"pred {int(logits[j].argmax())} / true {int(labels[j])}", fontsize=7)
-        axes[i, 0].set_ylabel(route.replace(" (", "\n("), fontsize=6)
+                ax.set_title(f"pred {int(logits[j].argmax())} / true {int(labels[j])}", fontsize=9)
+        axes[i, 0].set_ylabel(route.replace(" (", "\n("), fontsize=9)
     for ax in axes.flat:
         ax.set_xticks([]), ax.set_yticks([])
     fig.tight_layout()
