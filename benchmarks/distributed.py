@@ -13,11 +13,10 @@ Reported per row: wall seconds, speed-up over 1 process (same run), the θ traje
 difference from the 1-process one, and the communication of rank 0 per outer iteration
 (collectives issued by :mod:`bilevel.distributed` and their payload bytes; for DDP training the
 gradient bytes all-reduced per step = 4 · number of parameters). Writes
-``benchmarks/results/distributed.json``.
+``benchmarks/results/distributed.json`` (``--out``).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -32,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bilevel import HOAG, MAID  # noqa: E402
 from bilevel import distributed as bdist  # noqa: E402
 from recon.io import atomic_write  # noqa: E402
+from recon.scripts import SMOKE_RUN, apply_quick, help_parser  # noqa: E402
 from recon.losses import MSEToTarget  # noqa: E402
 from recon.problems import TVDenoising  # noqa: E402
 
@@ -121,15 +121,20 @@ def allreduce_seconds(nbytes: int, repeats: int = 200) -> float:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = help_parser(__doc__)
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--size", type=int, default=48)
-    p.add_argument("--quick", action="store_true", help="batch 4 of 16² (a smoke run)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: batch 4 of 16², written to runs/quick/ (numbers not meaningful)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                  "distributed.json"))
     args = p.parse_args(argv)
-    n, size = (4, 16) if args.quick else (args.batch, args.size)
+    if args.quick:
+        for line in apply_quick(p, args, argv, {"batch": 4, "size": 16},
+                                out=os.path.join("runs", "quick", "distributed.json")):
+            print(line)
+    n, size = args.batch, args.size
     jobs = ["HOAG", "MAID", "DDP training"]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -167,6 +172,8 @@ def main(argv=None) -> dict:
     with atomic_write(args.out, "w") as fh:
         fh.write(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
+    if args.quick:
+        print(SMOKE_RUN)
     return report
 
 

@@ -2,6 +2,9 @@
 moves the reductions through host memory) against 1 process, for HOAG, MAID and DDP training.
 
     python benchmarks/distributed_cuda_check.py      # prints one line per job, writes JSON
+    python benchmarks/distributed_cuda_check.py --out runs/cuda_check.json
+
+Needs a CUDA GPU (on a machine without one it says so and exits with status 2).
 
 One GPU cannot host two NCCL ranks, so this checks the device handling (tensors on CUDA, DDP
 with ``device_ids``), not NCCL speed.
@@ -22,6 +25,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import _distributed_worker as W  # noqa: E402
 from bilevel.distributed import shard_batch  # noqa: E402
+from recon.scripts import help_parser  # noqa: E402
 
 
 def cuda_problem():
@@ -62,7 +66,20 @@ def worker(rank, world, store, out):
         torch.save(rows, os.path.join(out, "two.pt"))
 
 
-def main():
+def parse_args(argv=None):
+    """``--out`` (default: ``$OUT/distributed_cuda_check.json`` or ``benchmarks/results/``)."""
+    p = help_parser(__doc__)
+    default = os.path.join(os.environ.get("OUT", os.path.join(ROOT, "benchmarks", "results")),
+                           "distributed_cuda_check.json")
+    p.add_argument("--out", default=default, help="where the JSON report goes")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     t0 = time.perf_counter()
     one = {m: guarded(bilevel, m) for m in ("HOAG", "MAID")}
     one["DDP training"] = guarded(training)
@@ -83,8 +100,8 @@ def main():
         diff = float((a - b).abs().max()) if a.shape == b.shape else float("inf")
         report[job] = {"records": len(one[job]), "max_diff_2_vs_1_process": diff}
         print(f"{job:<13} records {len(one[job]):3d}  max |2 procs - 1 proc| = {diff:.2e}")
-    out = os.environ.get("OUT", os.path.join(ROOT, "benchmarks", "results"))
-    with open(os.path.join(out, "distributed_cuda_check.json"), "w") as fh:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as fh:
         json.dump(report, fh, indent=2)
     print(json.dumps(report))
 

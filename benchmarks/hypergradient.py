@@ -15,11 +15,10 @@ learned optimum, the inner problem solved once to ``‖∇ₓΦ_b‖ ≤ 1e-10``
 residual ``‖r‖ ≤ τ = rtol·‖∇ₓℓ‖`` (rtol 1e-8 in float64, 1e-4 in float32): torchopt's
 ``rtol``; ``ImplicitCG`` stops each sample at ``τ/√B``, which implies the same batch bound.
 Accuracy is the relative error against a float64 reference (ImplicitCG, rtol 1e-13).
-Writes ``benchmarks/results/hypergradient.json``.
+Writes ``benchmarks/results/hypergradient.json`` (``--out``).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -36,6 +35,7 @@ from bilevel import ImplicitCG, Unrolled, solve_inner  # noqa: E402
 from bilevel.hypergrad import outer_gradients  # noqa: E402
 from recon.data.natural_images import denoising_batch  # noqa: E402
 from recon.io import atomic_write  # noqa: E402
+from recon.scripts import SMOKE_RUN, apply_quick, help_parser  # noqa: E402
 from recon.losses import MSEToTarget  # noqa: E402
 from recon.problems import TVDenoising  # noqa: E402
 
@@ -131,16 +131,20 @@ def run(batch_size=32, size=64, repeats=5, unrolled_steps=(20, 100)):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="hypergradient estimators on TV denoising")
+    ap = help_parser(__doc__)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="batch 8, 32×32, 2 repeats")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: batch 8, 32×32, 2 repeats, written to runs/quick/ (numbers not meaningful)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "hypergradient.json"))
     args = ap.parse_args(argv)
     if args.quick:
-        args.batch, args.size, args.repeats = 8, 32, 2
+        for line in apply_quick(ap, args, argv, {"batch": 8, "size": 32, "repeats": 2},
+                                out=os.path.join("runs", "quick", "hypergradient.json")):
+            print(line)
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     torch.set_num_threads(args.threads)
     rows = run(args.batch, args.size, args.repeats)
     print(f"one hypergradient, TVDenoising {args.batch}×{args.size}², θ = {THETA}, "
@@ -158,6 +162,8 @@ def main(argv=None):
         json.dump({"batch": args.batch, "size": args.size, "theta": THETA, "threads": args.threads,
                    "repeats": args.repeats, "rows": rows}, f, indent=1)
     print(f"wrote {args.out}")
+    if args.quick:
+        print(SMOKE_RUN)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ For each configuration (128x128 image / 60 angles and 512x512 / 90 angles, paral
 beam, float32) it times one ``A.T(A(x))`` on a batch and reports slices per second:
 
 * ``odl-astra_cpu``: ``odl.applications.tomo.RayTransform(impl="astra_cpu")`` forward
-  and adjoint applied slice by slice — the baseline of issue 4, measured in the same run;
+  and adjoint applied slice by slice — the baseline, measured in the same run;
 * ``astra``: this package's ``backend="astra"`` (ASTRA directly, slice by slice);
 * ``torch``: ``backend="torch"`` (cached sparse matrix) at batch 1 and 32;
 * on CUDA, when available: ``torch`` sparse (cuSPARSE) and ``matrix_free`` at batch 1, 8, 32.
@@ -16,12 +16,11 @@ JSON (``benchmarks/results/operators.json`` by default).
 Usage::
 
     python benchmarks/operators.py            # full run (a few minutes on 2 cores)
-    python benchmarks/operators.py --quick    # 64x64/30 and 128x128/60, fewer repeats
+    python benchmarks/operators.py --quick    # smoke run: 64x64/30 and 128x128/60, fewer repeats
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -36,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recon.operators import ParallelBeamGeometry, RayTransform, available_backends  # noqa: E402
+from recon.scripts import SMOKE_RUN, apply_quick, help_parser  # noqa: E402
 
 FULL = [(128, 60), (512, 90)]
 QUICK = [(64, 30), (128, 60)]
@@ -75,11 +75,16 @@ def odl_baseline(geom, x, min_time, max_repeats):
 
 def main(argv=None) -> int:
     """Run the benchmark, print the table, write the JSON."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (about 20 s)")
+    parser = help_parser(__doc__)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: small sizes and few repeats (about 20 s), written to "
+                             "runs/quick/ (numbers not meaningful)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "operators.json"))
     parser.add_argument("--batches", default="1,32", help="CPU batch sizes (comma separated)")
     args = parser.parse_args(argv)
+    if args.quick:
+        for line in apply_quick(parser, args, argv, {}, out=str(Path("runs", "quick", "operators.json"))):
+            print(line)
     configs = QUICK if args.quick else FULL
     batches = [int(b) for b in args.batches.split(",")]
     backends = available_backends()
@@ -147,6 +152,8 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     print(f"wrote {out}")
+    if args.quick:
+        print(SMOKE_RUN)
     return 0
 
 

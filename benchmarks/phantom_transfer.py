@@ -16,12 +16,11 @@ All test data are simulated with the same geometry and noise (none by default); 
 reference image's range.  ``--checkpoint family=path`` evaluates an existing LPD ``best.pt``
 (e.g. the one of ``examples/ct_unrolling.py``) instead of training that family.
 
-    PYTHONPATH=. python benchmarks/phantom_transfer.py --out runs/phantom_transfer
+    python benchmarks/phantom_transfer.py --out runs/phantom_transfer
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -38,6 +37,7 @@ from recon.metrics import psnr  # noqa: E402
 from recon.models import build_model  # noqa: E402
 from recon.operators import fbp  # noqa: E402
 from recon.train import TrainConfig, build_setup, default_setup, fit  # noqa: E402
+from recon.scripts import help_parser  # noqa: E402
 
 NATURAL = ("camera", "coins", "moon", "page", "brick", "grass", "gravel", "clock")
 
@@ -111,8 +111,7 @@ def evaluate(model, operator, images: torch.Tensor, fbp_filter: str) -> dict[str
 
 def main(argv=None) -> dict:
     """Train per family, evaluate on every test set, print the side-by-side gain table."""
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = help_parser(__doc__)
     p.add_argument("--families", nargs="+", default=["ellipses", "anatomy"],
                    choices=("ellipses", "anatomy"))
     p.add_argument("--image-size", type=int, default=64)

@@ -1,4 +1,4 @@
-"""HOAG and MAID defaults on ridge regression at any scale (issue 8).
+"""HOAG and MAID defaults on ridge regression at any scale (means or sums, any n, any units).
 
     python benchmarks/scale_free.py [--n 50,200,1000] [--scales 1e-3,1,1e3]
 
@@ -10,7 +10,6 @@ the stopping message; writes ``benchmarks/results/scale_free.json``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -24,10 +23,11 @@ sys.path[:0] = [os.path.join(HERE, ".."), os.path.join(HERE, "..", "tests")]
 
 from bilevel import HOAG, MAID  # noqa: E402
 from bilevel_problems import RidgeInner, RidgeOuter, ridge_optimum, ridge_problem  # noqa: E402
+from recon.scripts import help_parser  # noqa: E402
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = help_parser(__doc__)
     ap.add_argument("--n", default="50,200,1000")
     ap.add_argument("--scales", default="1e-3,1,1e3")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "scale_free.json"))

@@ -26,4 +26,4 @@ __all__ = [
     "SolveResult", "solve_inner", "batched_cg", "implicit_vjp", "tolerance_schedule",
     "NonPositiveCurvatureError",
 ]
-__version__ = "0.2.0"
+__version__ = "0.3.0"

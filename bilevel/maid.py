@@ -13,22 +13,25 @@ gradient mapping, ``= z`` without bounds):
    ``ω_k > (1 − η)‖G(z_k)‖``, tighten by ``τ`` the accuracies whose terms of ``ω`` take more
    than half of that allowance (``δ`` for the CG term, ``ε`` for the others); while
    ``a_k > c₁β_k‖G(z_k)‖²`` (the allowance must fit in the decrease the step is to certify),
-   tighten ``ε``. Re-solve the inner problem (warm) if ``ε`` changed and recompute. Unconstrained, an accepted ``z_k`` is a descent direction:
+   tighten ``ε``. Re-solve the inner problem (warm) if ``ε`` changed and recompute.
+   Unconstrained, an accepted ``z_k`` is a descent direction:
    ``⟨∇ℓ(θ_k), z_k⟩ ≥ ‖z_k‖(‖z_k‖ − ω_k) ≥ η‖z_k‖²``.
+
 2. **Inexact backtracking.** For ``β = β_k, ρβ_k, ρ²β_k, …`` (at most ``max_backtracks``):
    ``θ⁺ = Π(θ_k − βz_k)``, solve the inner problem at ``θ⁺`` to ``ε``, run CG there (its adjoint
    gives the dual-weighted loss bound ``a⁺``, and it is the next hypergradient if ``θ⁺`` is
    accepted) and accept when
 
-   .. math::
+    .. math::
 
-       \\tilde\\ell(\\theta^+) + a^+ \\le \\tilde\\ell_k - a_k - \\frac{c_1}{\\beta}\\|\\theta^+ - \\theta_k\\|^2 ,
+        \\tilde\\ell(\\theta^+) + a^+ \\le \\tilde\\ell_k - a_k - \\frac{c_1}{\\beta}\\|\\theta^+ - \\theta_k\\|^2 ,
 
-   which certifies ``ℓ(θ⁺) ≤ ℓ(θ_k) − (c₁/β)‖θ⁺ − θ_k‖²`` for the *true* upper loss (``a``
-   includes a round-off allowance ``16 eps_mach |ℓ̃|``). If the computed losses alone pass the
-   test (``ℓ̃(θ⁺) ≤ ℓ̃_k − (c₁/β)‖θ⁺ − θ_k‖²``) but the allowances spoil it, or the allowances
-   exceed the first-order decrease bound ``(‖z_k‖ + ω_k)‖θ⁺ − θ_k‖``, a shorter step cannot
-   help, and the line search ends as failed at once ("coarse").
+    which certifies ``ℓ(θ⁺) ≤ ℓ(θ_k) − (c₁/β)‖θ⁺ − θ_k‖²`` for the *true* upper loss (``a``
+    includes a round-off allowance ``16 eps_mach |ℓ̃|``). If the computed losses alone pass the
+    test (``ℓ̃(θ⁺) ≤ ℓ̃_k − (c₁/β)‖θ⁺ − θ_k‖²``) but the allowances spoil it, or the allowances
+    exceed the first-order decrease bound ``(‖z_k‖ + ω_k)‖θ⁺ − θ_k‖``, a shorter step cannot
+    help, and the line search ends as failed at once ("coarse").
+
 3. **Adapt.** After success: ``θ_{k+1} = θ⁺``, ``ε ← νε``, ``δ ← νδ``, ``β_{k+1} = β·grow``.
    After failure: stay at ``θ_k`` with ``ε ← τε`` (and ``δ ← τδ`` unless only the allowances
    failed), keep ``β_k``.

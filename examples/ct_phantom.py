@@ -11,7 +11,6 @@ and SSIM.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -23,11 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from recon.data import PoissonNoise, ellipse_phantom, lesion_phantom, shepp_logan  # noqa: E402
 from recon.metrics import psnr, ssim  # noqa: E402
 from recon.operators import ParallelBeamGeometry, RayTransform, fbp  # noqa: E402
+from recon.scripts import help_parser  # noqa: E402
 
 
 def main(argv=None) -> int:
     """Simulate, reconstruct and draw; returns the exit status."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = help_parser(__doc__)
     parser.add_argument("--out", default="ct_phantom.png", help="output PNG path")
     parser.add_argument("--phantom", choices=["lesion", "ellipses", "shepp-logan"], default="lesion")
     parser.add_argument("--size", type=int, default=256)

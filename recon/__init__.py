@@ -4,10 +4,11 @@ import importlib
 
 __all__ = ["operators", "data", "metrics", "models", "regularizers", "problems", "experts",
            "losses", "io", "checkpoint", "training", "train", "joint", "tasks"]
-__version__ = "0.1.0"
 
 
 def __getattr__(name):
+    if name == "__version__":          # one version for both packages: bilevel's
+        return importlib.import_module("bilevel").__version__
     if name in __all__:
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,35 @@ def test_mkdocs_build_strict_and_api_covers_every_public_name(tmp_path):
             assert _png(site / "tutorials" / "figures" / fig), fig
     index = (site / "index.html").read_text(encoding="utf-8")
     assert 'class="arithmatex"' in index          # formulas handed to MathJax
+    assert 'src="javascripts/vendor/mathjax/tex-svg.js"' in index
+    assert (site / "javascripts" / "vendor" / "mathjax" / "tex-svg.js").stat().st_size > 1e6
+    _check_site_pages(site)
+
+
+_REMOTE = re.compile(r"<script[^>]*\ssrc=\"https?://[^\"]*\"|<link(?=[^>]*\srel=\"(?:stylesheet|preload|"
+                     r"preconnect|modulepreload)\")[^>]*\shref=\"https?://[^\"]*\"|@import\s+url\(\s*[\"']?https?://")
+_CODE = re.compile(r"<(pre|code)\b.*?</\1>", re.S)
+_INTERNAL = re.compile(r"\bissues? ?#?\d|\.\./shared|shared/DESIGN", re.I)
+
+
+def _check_site_pages(site: Path) -> None:
+    """Offline (no script or style from the network), no raw ``$$`` left by the math conversion,
+    no internal references, and the MAID rules render as a three-step list."""
+    pages = sorted(site.rglob("*.html"))
+    assert len(pages) > 20
+    for page in pages:
+        html = page.read_text(encoding="utf-8")
+        rel = page.relative_to(site)
+        assert not _REMOTE.findall(html), (rel, _REMOTE.findall(html)[:3])
+        text = _CODE.sub("", html)
+        assert "$$" not in text, f"{rel}: raw $$ (a display formula MathJax will not see)"
+        assert not _INTERNAL.search(text), (rel, _INTERNAL.search(text).group(0))
+    for css in site.rglob("*.css"):
+        assert not _REMOTE.findall(css.read_text(encoding="utf-8")), css.relative_to(site)
+    api = (site / "api" / "bilevel" / "index.html").read_text(encoding="utf-8")
+    maid = api[api.index('id="bilevel.maid"'):]
+    steps = maid[maid.index("<ol>"):maid.index("</ol>")]
+    assert steps.count("<li>") == 3 and "Adapt." in steps and '<div class="arithmatex">' in steps
 
 
 def test_every_tutorial_has_code_and_shows_a_figure():

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from recon.checkpoint import load_checkpoint, save_checkpoint
+from recon.scripts import plain_text
 
 from .data import build_joint_data, default_joint_setup
 from .routes import (ROUTES, build_reconstructor, build_segmenter, default_model_options,
@@ -116,7 +117,7 @@ def evaluate_checkpoints(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
 
 def main(argv: Sequence[str] | None = None) -> Any:
     """``python -m recon.joint {train,evaluate} ...``."""
-    parser = argparse.ArgumentParser(prog="python -m recon.joint", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m recon.joint", description=plain_text(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train_arguments(sub.add_parser("train", help="train one route"))

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
+from ..scripts import plain_text
 from .data import SOURCES, TASKS, default_network_config, load_task_data
 
 __all__ = ["main", "task_loss", "task_scores"]
@@ -64,7 +65,8 @@ def _pretrain(args: argparse.Namespace) -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Parse ``argv`` and run the sub-command; returns its result dict (also printed as JSON)."""
-    ap = argparse.ArgumentParser(prog="python -m recon.tasks", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m recon.tasks", description=plain_text(__doc__),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pretrain", help="train the task network T* on clean data")
     p.add_argument("--task", choices=TASKS, required=True)

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from ..scripts import SMOKE_RUN, apply_quick, help_parser
 from .cli import task_loss, task_scores
 from .data import default_network_config, load_task_data
 from .experiment import run_noise_level
@@ -28,8 +29,9 @@ FINETUNE = {"unet": ["up2", "up3", "outc"], "resnet18": ["layer4", "fc"], "resne
 
 
 def parse_args(source: str, argv: Optional[Sequence[str]], doc: str) -> argparse.Namespace:
-    """Command-line options shared by both examples (``--quick``: smoke run, < 1 minute)."""
-    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    """Command-line options shared by both examples (``--quick``: smoke run, < 1 minute, whose
+    settings :func:`recon.scripts.apply_quick` applies; ``args.notes`` holds what it reports)."""
+    ap = help_parser(doc)
     ap.add_argument("--root", default=None, help=f"local {source} copy (default: the stand-in)")
     ap.add_argument("--sigmas", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     ap.add_argument("--n-train", type=int, default=100, help="images θ is learned on")
@@ -42,9 +44,15 @@ def parse_args(source: str, argv: Optional[Sequence[str]], doc: str) -> argparse
     ap.add_argument("--checkpoint", default=None, help="T* checkpoint (default OUT/task_net.pt)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="tiny smoke run (< 1 minute)")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny smoke run (< 1 minute) in runs/quick/ (its numbers are not meaningful)")
     ap.add_argument("--no-progress", action="store_true")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.notes = []
+    if args.quick:
+        args.notes = apply_quick(ap, args, argv, {"sigmas": [0.3], "n_train": 8, "n_test": 32,
+                                                  "iters": 3, "n_pretrain": 96, "epochs": 1})
+    return args
 
 
 def _pretrained(task: str, source: str, args, progress: bool):
@@ -98,9 +106,11 @@ def format_table(results: Dict[str, List[Dict[str, Any]]], metrics: Sequence[str
 def summary_text(out: Dict[str, Any], metric: str) -> str:
     """An example's table, the fraction of the clean-minus-noisy ``metric`` gap each route
     recovers at the highest σ, and where the results were written (text to print)."""
-    lines = [out["table"], f"fraction of the clean-minus-noisy {metric} gap recovered at the highest σ:"]
+    lines = [*out["args"].get("notes", []), out["table"], f"fraction of the clean-minus-noisy {metric} gap recovered at the highest σ:"]
     lines += [f"  {route:<48}{frac:>8.2f}" for route, frac in out["gap_recovered_at_highest_sigma"].items()]
     lines.append(f"{out['seconds']:.0f} s; wrote {out['args']['out']}/table.json and samples_sigma*.png")
+    if out["args"].get("quick"):
+        lines.append(SMOKE_RUN)
     return "\n".join(lines)
 
 
@@ -110,11 +120,8 @@ def run_example(task: str, source: str, argv: Optional[Sequence[str]] = None,
     args = parse_args(source, argv, doc or __doc__)
     if args.root is None:
         source = "standin"
-    if args.quick:
-        args.sigmas, args.n_train, args.n_test, args.iters = args.sigmas[-1:], 8, 32, 3
-        args.n_pretrain, args.epochs = args.n_pretrain or 96, args.epochs or 1
     args.epochs = args.epochs if args.epochs is not None else (12 if task == "segmentation" else 5)
-    args.out = Path(args.out or f"outputs/{task}_{source}{'_quick' if args.quick else ''}")
+    args.out = Path(args.out or (f"runs/quick/{task}_{source}" if args.quick else f"outputs/{task}_{source}"))
     args.checkpoint = args.checkpoint or str(args.out / "task_net.pt")
     torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
     progress, t0 = not args.no_progress, time.perf_counter()
@@ -171,8 +178,8 @@ def _save_samples(path: Path, imgs, labels, task: str, k: int = 2) -> None:
                 axes[i, 2 * j + 1].imshow(logits[j].argmax(0), cmap="tab20", vmin=0, vmax=19,
                                           interpolation="nearest")
             else:
-                ax.set_title(f"pred {int(logits[j].argmax())} / true {int(labels[j])}", fontsize=7)
-        axes[i, 0].set_ylabel(route.replace(" (", "\n("), fontsize=6)
+                ax.set_title(f"pred {int(logits[j].argmax())} / true {int(labels[j])}", fontsize=9)
+        axes[i, 0].set_ylabel(route.replace(" (", "\n("), fontsize=9)
     for ax in axes.flat:
         ax.set_xticks([]), ax.set_yticks([])
     fig.tight_layout()

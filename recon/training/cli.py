@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import torch
 
 from ..io import atomic_write
+from ..scripts import plain_text
 from .evaluation import evaluate_methods, format_table, load_methods, save_samples_png
 from .experiment import build_setup, default_setup
 from .loop import TrainConfig, TrainResult, fit
@@ -203,7 +204,7 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> Any:
     """``python -m recon.train {train,evaluate} ...``; returns the TrainResult or the report."""
-    parser = argparse.ArgumentParser(prog="python -m recon.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m recon.train", description=plain_text(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_arguments(sub.add_parser("train", help="train LPD / LSPD / Sk-LSPD"))

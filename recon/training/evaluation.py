@@ -148,7 +148,7 @@ def save_samples_png(path: str | Path, image: torch.Tensor, outputs: Mapping[str
             for name, out in outputs.items()]
         for ax, (title, img, value) in zip(axes[i], panels):
             ax.imshow(img.float().numpy(), cmap="gray", vmin=vmin, vmax=vmax)
-            ax.set_title(title if value is None else f"{title}\n{value:.2f} dB", fontsize=8)
+            ax.set_title(title if value is None else f"{title}\n{value:.2f} dB", fontsize=9)
             ax.axis("off")
     fig.tight_layout()
     path = Path(path)
