@@ -223,7 +223,7 @@ def plot(result, path):
     axes[0].set_xlabel("cumulative lower-level + CG iterations")
     axes[1].set_xlabel("seconds")
     axes[0].set_ylabel(f"true upper loss − {best:.6g}")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=9)
     c = result["config"]
     ratio = result["ratio_maid_cost_to_target_over_best_hoag_cost"]
     fig.suptitle(f"{c['problem'].upper()} denoising ({c['n_hyperparameters']} hyperparameters), {c['images']}×{c['size']}², σ={c['sigma']} (dotted: "
