@@ -44,19 +44,22 @@ def parse_args(source: str, argv: Optional[Sequence[str]], doc: str) -> argparse
     positive = float_in(0.0, strict_low=True)
     ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--root", default=None, help=f"local {source} copy (default: the stand-in)")
-    ap.add_argument("--sigmas", type=positive, nargs="+", default=[0.1, 0.2, 0.3])
-    ap.add_argument("--n-train", type=pos, default=100, help="images θ is learned on")
-    ap.add_argument("--n-test", type=pos, default=500, help="held-out images every row is scored on")
+    ap.add_argument("--sigmas", type=positive, nargs="+", default=None,
+                    help="noise levels (default 0.1 0.2 0.3; --quick: 0.3)")
+    ap.add_argument("--n-train", type=pos, default=None, help="images θ is learned on (100; --quick: 8)")
+    ap.add_argument("--n-test", type=pos, default=None,
+                    help="held-out images every row is scored on (500; --quick: 32)")
     ap.add_argument("--n-pretrain", type=pos, default=None, help="clean images T* is trained on")
     ap.add_argument("--epochs", type=nonneg, default=None, help="pretraining epochs")
-    ap.add_argument("--iters", type=pos, default=10, help="HOAG outer iterations per route")
+    ap.add_argument("--iters", type=pos, default=None, help="HOAG outer iterations per route (10; --quick: 3)")
     ap.add_argument("--tolerances", type=float_in(0.0, 1.0, strict_low=True, strict_high=True),
                     nargs="+", default=[1e-3, 1e-5])
     ap.add_argument("--finetune-lr", type=positive, default=1e-4, help="Adam step of the fine-tuned layers")
     ap.add_argument("--checkpoint", default=None, help="T* checkpoint (default OUT/task_net.pt)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--threads", type=pos, default=2)
-    ap.add_argument("--quick", action="store_true", help="tiny smoke run (< 1 minute)")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny smoke run (< 1 minute): other defaults, options given still apply")
     ap.add_argument("--restart", action="store_true",
                     help="start over: pretrain T* again and recompute every row (by default a "
                          "rerun continues where the last one stopped, with the same settings)")
@@ -169,9 +172,11 @@ def _prepare(task: str, source: str, argv, doc: str) -> argparse.Namespace:
     from bilevel.history import check_writable
 
     args = parse_args(source, argv, doc or __doc__)
-    if args.quick:
-        args.sigmas, args.n_train, args.n_test, args.iters = args.sigmas[-1:], 8, 32, 3
-        args.n_pretrain, args.epochs = args.n_pretrain or 96, args.epochs or 1
+    defaults = (dict(sigmas=[0.3], n_train=8, n_test=32, iters=3, n_pretrain=96, epochs=1)
+                if args.quick else dict(sigmas=[0.1, 0.2, 0.3], n_train=100, n_test=500, iters=10))
+    for key, value in defaults.items():  # an option given on the command line is kept
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     args.epochs = args.epochs if args.epochs is not None else (12 if task == "segmentation" else 5)
     args.out = Path(args.out or f"outputs/{task}_{source if args.root else 'standin'}"
                                 f"{'_quick' if args.quick else ''}")
