@@ -61,7 +61,8 @@ def data_settings(task: str, source: str, root, size, n_train) -> Dict[str, Any]
 
 def _pretrain(args: argparse.Namespace) -> Dict[str, Any]:
     import torch
-    from .pretrain import build_task_network, predict, pretrain
+    from .pretrain import (build_task_network, check_pretraining_resume, predict, pretrain,
+                           pretraining_settings)
 
     torch.set_num_threads(args.threads)
     cfg = default_network_config(args.task, args.source)
@@ -69,6 +70,10 @@ def _pretrain(args: argparse.Namespace) -> Dict[str, Any]:
         cfg["base_channels"] = args.base_channels
     if args.arch is not None:
         cfg["kind"] = args.arch
+    meta = data_settings(args.task, args.source, args.root, args.size, args.n_train)
+    if args.out.is_file() and not args.restart:  # the resume rule before the data are read
+        check_pretraining_resume(args.out, pretraining_settings(
+            cfg, args.lr, args.batch_size, 0.0, args.seed, None, meta), ignore=["n_samples"])
     # every file and data error before the first epoch: the test split is read now
     train = load_task_data(args.task, args.source, "train", args.n_train, args.size, args.root, args.seed)
     test = load_task_data(args.task, args.source, "test", args.n_test, args.size, args.root, args.seed)
@@ -77,7 +82,7 @@ def _pretrain(args: argparse.Namespace) -> Dict[str, Any]:
     hist = pretrain(net, train, task_loss(args.task), epochs=args.epochs, batch_size=args.batch_size,
                     lr=args.lr, seed=args.seed, checkpoint=args.out, resume=not args.restart,
                     config=cfg, progress=not args.no_progress,
-                    metadata=data_settings(args.task, args.source, args.root, args.size, args.n_train))
+                    metadata=meta)
     scores = task_scores(args.task, predict(net, test["image"]), test["label"], cfg["num_classes"])
     return {"checkpoint": str(args.out), "config": cfg, "loss": hist["loss"], "clean_test": scores,
             "seconds": hist["seconds"]}

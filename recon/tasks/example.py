@@ -27,7 +27,8 @@ from ..io import atomic_write
 from .cli import data_settings, task_loss, task_scores
 from .data import default_network_config, load_task_data
 from .experiment import run_noise_level
-from .pretrain import build_task_network, pretrain
+from .pretrain import (build_task_network, check_pretraining_resume, pretrain,
+                       pretraining_settings)
 
 __all__ = ["run_example", "parse_args", "format_table", "gap_recovered"]
 
@@ -67,19 +68,41 @@ def parse_args(source: str, argv: Optional[Sequence[str]], doc: str) -> argparse
     return ap.parse_args(argv)
 
 
-def _pretrained(task: str, source: str, args, progress: bool, on_stage):
+def _network_config(task: str, source: str, args) -> Dict[str, Any]:
     cfg = default_network_config(task, source)
     if args.quick and cfg["kind"] == "unet":
         cfg["base_channels"] = 4
+    return cfg
+
+
+#: the pretraining settings of the examples (those of ``python -m recon.tasks pretrain``)
+PRETRAIN = {"lr": 2e-3, "batch_size": 16, "weight_decay": 0.0, "seed": 0}
+
+
+def _pretrained(task: str, source: str, cfg, args, progress: bool, on_stage):
     data = load_task_data(task, source, "train", args.n_pretrain, root=args.root)
     torch.manual_seed(0)
     net = build_task_network(cfg)
     hook = None if on_stage is None else (lambda epoch, _loss: on_stage(f"pretrain epoch {epoch}"))
-    info = pretrain(net, data, task_loss(task), epochs=args.epochs, batch_size=16, lr=2e-3,
-                    checkpoint=args.checkpoint, config=cfg, progress=progress,
-                    resume=not args.restart, callback=hook,
-                    metadata=data_settings(task, source, args.root, None, args.n_pretrain))
-    return net.eval(), cfg, info
+    info = pretrain(net, data, task_loss(task), epochs=args.epochs, checkpoint=args.checkpoint,
+                    config=cfg, progress=progress, resume=not args.restart, callback=hook,
+                    metadata=data_settings(task, source, args.root, None, args.n_pretrain),
+                    **PRETRAIN)
+    return net.eval(), info
+
+
+def _check_resumes(task: str, source: str, cfg, args) -> "Stages":
+    """The resume rule for the pretraining checkpoint and the stages, before any work."""
+    if Path(args.checkpoint).is_file() and not args.restart:
+        check_pretraining_resume(args.checkpoint, pretraining_settings(
+            cfg, n_samples=None, metadata=data_settings(task, source, args.root, None,
+                                                        args.n_pretrain), **PRETRAIN),
+            ignore=["n_samples"])
+    return Stages(args.out / "stages.pt", {
+        "task": task, "source": source, "root": args.root, "sigmas": args.sigmas,
+        "n_train": args.n_train, "n_test": args.n_test, "iters": args.iters,
+        "tolerances": args.tolerances, "finetune_lr": args.finetune_lr, "network": cfg},
+        args.restart)
 
 
 def _splits(task, source, args):
@@ -110,12 +133,24 @@ class Stages:
 
     def __init__(self, path: Path, settings: Dict[str, Any], restart: bool):
         self.path, self.settings, self.done = Path(path), plain_state(settings), {}
+        self._saved: Dict[str, Any] = {}
         if self.path.is_file() and not restart:
             state = load_checkpoint(self.path)
-            check_resume(self.path, state.get("settings") or {}, self.settings,
+            self._saved = dict(state.get("settings") or {})
+            check_resume(self.path, self._saved, self.settings, ignore=["network_sha256"],
                          hint="use the saved settings, another --out, or --restart")
             self.done = dict(state.get("done") or {})
         self.reused = len(self.done)
+
+    def bind_network(self, digest: str) -> None:
+        """Record the SHA-256 of ``T*`` (:func:`network_digest`); finished stages of another
+        ``T*`` are refused like other settings."""
+        if self.done:
+            check_resume(self.path, {"network_sha256": self._saved.get("network_sha256")},
+                         {"network_sha256": digest},
+                         hint="the rows were computed with another T*: use its checkpoint, "
+                              "another --out, or --restart")
+        self.settings["network_sha256"] = digest
 
     def of(self, sigma: float) -> Dict[str, Any]:
         """The finished stages of noise level ``sigma`` by route."""
@@ -201,13 +236,11 @@ def run_example(task: str, source: str, argv: Optional[Sequence[str]] = None,
         source = "standin"
     torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
     progress, t0 = not args.no_progress, time.perf_counter()
+    cfg = _network_config(task, source, args)
+    stages = _check_resumes(task, source, cfg, args)
     train, test = _splits(task, source, args)  # data errors before minutes of pretraining
-    net, cfg, info = _pretrained(task, source, args, progress, on_stage)
-    stages = Stages(args.out / "stages.pt", {
-        "task": task, "source": source, "root": args.root, "sigmas": args.sigmas,
-        "n_train": args.n_train, "n_test": args.n_test, "iters": args.iters,
-        "tolerances": args.tolerances, "finetune_lr": args.finetune_lr, "network": cfg,
-        "network_sha256": network_digest(net)}, args.restart)
+    net, info = _pretrained(task, source, cfg, args, progress, on_stage)
+    stages.bind_network(network_digest(net))
     k, loss = cfg["num_classes"], task_loss(task)
     score = lambda logits, labels: task_scores(task, logits, labels, k)  # noqa: E731
     results, samples = {}, {}

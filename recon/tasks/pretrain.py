@@ -31,7 +31,8 @@ from bilevel.history import check_writable
 
 from ..checkpoint import check_finite_state, check_resume, load_checkpoint, plain_state, save_checkpoint
 
-__all__ = ["build_task_network", "pretrain", "load_task_network", "predict"]
+__all__ = ["build_task_network", "pretrain", "load_task_network", "predict",
+           "pretraining_settings", "check_pretraining_resume"]
 
 
 def build_task_network(config: Mapping[str, Any]) -> nn.Module:
@@ -83,14 +84,30 @@ def _check_settings(epochs, batch_size, lr, weight_decay, seed) -> None:
                              f"got {value!r}")
 
 
-def _resume(checkpoint, network, opt, settings, accept_changes) -> Tuple[list, int]:
-    """``(history, epochs done)`` of the checkpoint, loaded into ``network`` and ``opt`` after
-    the resume rule (:func:`recon.checkpoint.check_resume`; ``epochs`` may grow)."""
+def pretraining_settings(config, lr, batch_size, weight_decay, seed, n_samples, metadata) -> dict:
+    """The settings a :func:`pretrain` checkpoint records and a resume compares."""
+    return plain_state({"config": dict(config or {}), "lr": float(lr),
+                        "batch_size": int(batch_size), "weight_decay": float(weight_decay),
+                        "seed": int(seed), "n_samples": n_samples, "metadata": dict(metadata or {})})
+
+
+def check_pretraining_resume(checkpoint, settings: Mapping[str, Any], accept_changes: bool = False,
+                             ignore=()) -> Dict[str, Any]:
+    """The resume rule (:func:`recon.checkpoint.check_resume`) for the :func:`pretrain`
+    checkpoint at ``checkpoint`` and ``settings`` (:func:`pretraining_settings`; ``ignore``:
+    keys not known yet, e.g. ``n_samples`` before the data are read). Returns the checkpoint."""
     state = load_checkpoint(checkpoint)
     saved = {"config": state.get("config"), **(state.get("settings") or {"settings": "<not recorded>"})}
-    check_resume(checkpoint, saved, settings, accept_changes=accept_changes,
+    check_resume(checkpoint, saved, settings, accept_changes=accept_changes, ignore=ignore,
                  hint="use the saved settings, another checkpoint path, or start over "
                       "(resume=False; on the command line --restart)")
+    return state
+
+
+def _resume(checkpoint, network, opt, settings, accept_changes) -> Tuple[list, int]:
+    """``(history, epochs done)`` of the checkpoint, loaded into ``network`` and ``opt`` after
+    the resume rule (``epochs`` may grow)."""
+    state = check_pretraining_resume(checkpoint, settings, accept_changes)
     check_finite_state(state["model"], f"checkpoint {str(checkpoint)!r}")
     network.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
@@ -140,9 +157,7 @@ def pretrain(network: nn.Module, data: Mapping[str, Tensor], loss: Callable[[Ten
     _check_settings(epochs, batch_size, lr, weight_decay, seed)
     if checkpoint is not None:
         check_writable(checkpoint, "checkpoint")
-    settings = plain_state({"config": dict(config or {}), "lr": float(lr),
-                            "batch_size": int(batch_size), "weight_decay": float(weight_decay),
-                            "seed": int(seed), "n_samples": n, "metadata": dict(metadata or {})})
+    settings = pretraining_settings(config, lr, batch_size, weight_decay, seed, n, metadata)
     opt = torch.optim.Adam(network.parameters(), lr=lr, weight_decay=weight_decay)
     history, start = [], 0
     if checkpoint is not None and resume and Path(checkpoint).is_file():
