@@ -8,12 +8,42 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Union
 
 from torch import Tensor
 
-__all__ = ["History", "Result", "tolerance_schedule", "SCHEDULES", "check_writable"]
+__all__ = ["History", "Result", "tolerance_schedule", "SCHEDULES", "check_writable",
+           "CorruptCheckpointError", "verify_checkpoint"]
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file exists but its content cannot be trusted: truncated, overwritten,
+    bytes changed after it was written (a record's CRC-32 does not match), or not a
+    checkpoint at all.  The message names the file."""
+
+
+def verify_checkpoint(path) -> None:
+    """Check every record of the ``torch.save`` zip archive at ``path`` against the CRC-32
+    stored when it was written (:meth:`zipfile.ZipFile.testzip`); raise
+    :class:`CorruptCheckpointError` naming the file (and the damaged record) otherwise.
+
+    ``torch.load`` reads tensor records without checking their CRC, so a flipped byte inside
+    a tensor would otherwise load as a silently different value.
+    """
+    name = os.fspath(path)
+    try:
+        with zipfile.ZipFile(name) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        raise CorruptCheckpointError(
+            f"checkpoint {name!r} is not a readable torch.save archive ({type(exc).__name__}: "
+            f"{str(exc)[:200]}); it is truncated, overwritten or not a checkpoint") from None
+    if bad is not None:
+        raise CorruptCheckpointError(
+            f"checkpoint {name!r} is corrupt: record {bad!r} does not match the CRC-32 stored "
+            f"when it was written (bytes changed on disk); delete it or use another copy")
 
 
 class History:
@@ -163,20 +193,24 @@ class Result:
     def load(cls, path: str) -> "Result":
         """Read a result written by :meth:`save` (``weights_only=True``: nothing is unpickled).
 
-        Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for an
-        empty, corrupt or foreign one."""
+        Raises ``FileNotFoundError`` for a missing file and :class:`CorruptCheckpointError` (a
+        ``ValueError``) naming the file for an empty, corrupt (every record's CRC-32 is
+        checked, :func:`verify_checkpoint`) or foreign one."""
         import torch
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no Result checkpoint at {path!r}")
         if os.path.getsize(path) == 0:
-            raise ValueError(f"Result checkpoint {path!r} is empty (an interrupted write?)")
+            raise CorruptCheckpointError(f"Result checkpoint {path!r} is empty (an interrupted "
+                                         f"write?)")
+        verify_checkpoint(path)
         try:
             d = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # corrupt zip, truncated file, forbidden pickle content
-            raise ValueError(f"Result checkpoint {path!r} is corrupt or not a bilevel Result "
-                             f"({type(exc).__name__}: {str(exc)[:200]})") from None
+            raise CorruptCheckpointError(
+                f"Result checkpoint {path!r} is corrupt or not a bilevel Result "
+                f"({type(exc).__name__}: {str(exc)[:200]})") from None
         if not isinstance(d, dict) or d.get("format") != "bilevel.Result/1":
-            raise ValueError(f"{path!r} is not a bilevel Result checkpoint (written by "
+            raise CorruptCheckpointError(f"{path!r} is not a bilevel Result checkpoint (written by "
                              f"Result.save); found {type(d).__name__}")
         kwargs = {k: d[k] for k in cls._FIELDS if k in d}
         kwargs["history"] = History(d["history"])

@@ -159,27 +159,37 @@ def _masks(pred, target, threshold):
     pred, target, single = _pair(pred, target, ("pred", "target"))
     p = (pred > threshold).reshape(pred.shape[0], -1)
     t = (target > 0.5).reshape(target.shape[0], -1)
-    return p, t, single
+    finite = torch.isfinite(pred).reshape(pred.shape[0], -1).all(1)
+    return p, t, single, finite
+
+
+def _nan_unless(finite: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` with NaN for the images whose prediction is not finite (no mask exists)."""
+    return torch.where(finite, out, torch.full_like(out, float("nan")))
 
 
 def dice(pred: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """Dice coefficient ``2 |P ∩ T| / (|P| + |T|)`` per image (1 when both masks are empty).
 
-    ``P = pred > threshold`` (probabilities or {0, 1} masks), ``T = target > 0.5``.
+    ``P = pred > threshold`` (probabilities or {0, 1} masks), ``T = target > 0.5``.  An image
+    whose ``pred`` holds NaN or inf scores NaN (``NaN > threshold`` is no prediction).
     """
-    p, t, single = _masks(pred, target, threshold)
+    p, t, single, finite = _masks(pred, target, threshold)
     inter = (p & t).sum(1).to(torch.float64)
     total = (p.sum(1) + t.sum(1)).to(torch.float64)
-    out = torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
+    out = _nan_unless(finite, torch.where(total > 0, 2 * inter / total.clamp_min(1),
+                                          torch.ones_like(total)))
     return out[0] if single else out
 
 
 def iou(pred: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Intersection over union (Jaccard) ``|P ∩ T| / |P ∪ T|`` per image (1 if both empty)."""
-    p, t, single = _masks(pred, target, threshold)
+    """Intersection over union (Jaccard) ``|P ∩ T| / |P ∪ T|`` per image (1 if both empty;
+    NaN if ``pred`` holds NaN or inf)."""
+    p, t, single, finite = _masks(pred, target, threshold)
     inter = (p & t).sum(1).to(torch.float64)
     union = (p | t).sum(1).to(torch.float64)
-    out = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+    out = _nan_unless(finite, torch.where(union > 0, inter / union.clamp_min(1),
+                                          torch.ones_like(union)))
     return out[0] if single else out
 
 
@@ -187,8 +197,10 @@ def accuracy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Fraction of correct class predictions (0-dim tensor).
 
     ``pred``: labels of ``target``'s shape, or scores with one extra class axis at
-    dim 1 (argmax taken).
+    dim 1 (argmax taken).  NaN if ``pred`` holds NaN or inf (argmax of NaN is no class).
     """
+    if pred.is_floating_point() and not bool(torch.isfinite(pred).all()):
+        return torch.tensor(float("nan"), dtype=torch.float64, device=pred.device)
     if pred.ndim == target.ndim + 1:
         pred = pred.argmax(1)
     if pred.shape != target.shape:

@@ -1,5 +1,8 @@
 """``python -m recon.tasks``: see :mod:`recon.tasks.cli`."""
-from .cli import main
-
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from ..training.cli import console_main
+    from .cli import main
+
+    sys.exit(console_main(prog="python -m recon.tasks", entry=main))

@@ -5,23 +5,31 @@ for every noise level ``σ`` builds seeded noisy copies ``y = x + σn`` of a sma
 (θ is learned on it) and of a held-out test set (every row is scored on it), and runs the rows
 of :func:`recon.tasks.experiment.run_noise_level`. It returns and writes ``table.json``, a
 ``samples_sigma<σ>.png`` per noise level (input / prediction per row) and prints the table.
+Every option is checked before any work. The run is made of stages (pretraining epochs, then
+one per noise level and route) kept on disk as they finish, so that a rerun of the same command
+continues at the first unfinished one; a rerun with other settings is refused with the list of
+differences (``--restart`` starts over).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..scripts import SMOKE_RUN, apply_quick, help_parser
-from .cli import task_loss, task_scores
+from ..scripts import SMOKE_RUN, help_parser
+from ..checkpoint import check_resume, load_checkpoint, plain_state, save_checkpoint
+from ..io import atomic_write
+from .cli import data_settings, task_loss, task_scores
 from .data import default_network_config, load_task_data
 from .experiment import run_noise_level
-from .pretrain import build_task_network, pretrain
+from .pretrain import (build_task_network, check_pretraining_resume, pretrain,
+                       pretraining_settings)
 
 __all__ = ["run_example", "parse_args", "format_table", "gap_recovered"]
 
@@ -29,42 +37,77 @@ FINETUNE = {"unet": ["up2", "up3", "outc"], "resnet18": ["layer4", "fc"], "resne
 
 
 def parse_args(source: str, argv: Optional[Sequence[str]], doc: str) -> argparse.Namespace:
-    """Command-line options shared by both examples (``--quick``: smoke run, < 1 minute, whose
-    settings :func:`recon.scripts.apply_quick` applies; ``args.notes`` holds what it reports)."""
+    """Command-line options shared by both examples (``--quick``: smoke run, < 1 minute, in ``runs/quick/``;
+    options given on the command line are kept).
+
+    Every number is checked when parsed (status 2 naming the option), before any work."""
+    from ..training.argtypes import float_in, int_at_least
+
+    pos, nonneg = int_at_least(1), int_at_least(0)
+    positive = float_in(0.0, strict_low=True)
     ap = help_parser(doc)
     ap.add_argument("--root", default=None, help=f"local {source} copy (default: the stand-in)")
-    ap.add_argument("--sigmas", type=float, nargs="+", default=[0.1, 0.2, 0.3])
-    ap.add_argument("--n-train", type=int, default=100, help="images θ is learned on")
-    ap.add_argument("--n-test", type=int, default=500, help="held-out images every row is scored on")
-    ap.add_argument("--n-pretrain", type=int, default=None, help="clean images T* is trained on")
-    ap.add_argument("--epochs", type=int, default=None, help="pretraining epochs")
-    ap.add_argument("--iters", type=int, default=10, help="HOAG outer iterations per route")
-    ap.add_argument("--tolerances", type=float, nargs="+", default=[1e-3, 1e-5])
-    ap.add_argument("--finetune-lr", type=float, default=1e-4, help="Adam step of the fine-tuned layers")
+    ap.add_argument("--sigmas", type=positive, nargs="+", default=None,
+                    help="noise levels (default 0.1 0.2 0.3; --quick: 0.3)")
+    ap.add_argument("--n-train", type=pos, default=None, help="images θ is learned on (100; --quick: 8)")
+    ap.add_argument("--n-test", type=pos, default=None,
+                    help="held-out images every row is scored on (500; --quick: 32)")
+    ap.add_argument("--n-pretrain", type=pos, default=None, help="clean images T* is trained on")
+    ap.add_argument("--epochs", type=nonneg, default=None, help="pretraining epochs")
+    ap.add_argument("--iters", type=pos, default=None, help="HOAG outer iterations per route (10; --quick: 3)")
+    ap.add_argument("--tolerances", type=float_in(0.0, 1.0, strict_low=True, strict_high=True),
+                    nargs="+", default=[1e-3, 1e-5])
+    ap.add_argument("--finetune-lr", type=positive, default=1e-4, help="Adam step of the fine-tuned layers")
     ap.add_argument("--checkpoint", default=None, help="T* checkpoint (default OUT/task_net.pt)")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=pos, default=2)
     ap.add_argument("--quick", action="store_true",
-                    help="tiny smoke run (< 1 minute) in runs/quick/ (its numbers are not meaningful)")
+                    help="tiny smoke run (< 1 minute) in runs/quick/ (its numbers are not meaningful); "
+                         "options given still apply")
+    ap.add_argument("--restart", action="store_true",
+                    help="start over: pretrain T* again and recompute every row (by default a "
+                         "rerun continues where the last one stopped, with the same settings)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     args.notes = []
-    if args.quick:
-        args.notes = apply_quick(ap, args, argv, {"sigmas": [0.3], "n_train": 8, "n_test": 32,
-                                                  "iters": 3, "n_pretrain": 96, "epochs": 1})
     return args
 
 
-def _pretrained(task: str, source: str, args, progress: bool):
+def _network_config(task: str, source: str, args) -> Dict[str, Any]:
     cfg = default_network_config(task, source)
     if args.quick and cfg["kind"] == "unet":
         cfg["base_channels"] = 4
+    return cfg
+
+
+#: the pretraining settings of the examples (those of ``python -m recon.tasks pretrain``)
+PRETRAIN = {"lr": 2e-3, "batch_size": 16, "weight_decay": 0.0, "seed": 0}
+
+
+def _pretrained(task: str, source: str, cfg, args, progress: bool, on_stage):
+    data = load_task_data(task, source, "train", args.n_pretrain, root=args.root)
     torch.manual_seed(0)
     net = build_task_network(cfg)
-    data = load_task_data(task, source, "train", args.n_pretrain, root=args.root)
-    info = pretrain(net, data, task_loss(task), epochs=args.epochs, batch_size=16, lr=2e-3,
-                    checkpoint=args.checkpoint, config=cfg, progress=progress)
-    return net.eval(), cfg, info
+    hook = None if on_stage is None else (lambda epoch, _loss: on_stage(f"pretrain epoch {epoch}"))
+    info = pretrain(net, data, task_loss(task), epochs=args.epochs, checkpoint=args.checkpoint,
+                    config=cfg, progress=progress, resume=not args.restart, callback=hook,
+                    metadata=data_settings(task, source, args.root, None, args.n_pretrain),
+                    **PRETRAIN)
+    return net.eval(), info
+
+
+def _check_resumes(task: str, source: str, cfg, args) -> "Stages":
+    """The resume rule for the pretraining checkpoint and the stages, before any work."""
+    if Path(args.checkpoint).is_file() and not args.restart:
+        check_pretraining_resume(args.checkpoint, pretraining_settings(
+            cfg, n_samples=None, metadata=data_settings(task, source, args.root, None,
+                                                        args.n_pretrain), **PRETRAIN),
+            ignore=["n_samples"])
+    return Stages(args.out / "stages.pt", {
+        "task": task, "source": source, "root": args.root, "sigmas": args.sigmas,
+        "n_train": args.n_train, "n_test": args.n_test, "iters": args.iters,
+        "tolerances": args.tolerances, "finetune_lr": args.finetune_lr, "network": cfg},
+        args.restart)
 
 
 def _splits(task, source, args):
@@ -76,6 +119,55 @@ def _splits(task, source, args):
     test = load_task_data(task, source, "test", args.n_test, root=args.root)
     n = min(args.n_test, len(test["label"]))
     return train, {k: v[:n] for k, v in test.items()}
+
+
+def network_digest(network: torch.nn.Module) -> str:
+    """SHA-256 of a network's weights and buffers (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256()
+    for name, t in network.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class Stages:
+    """The finished stages (rows) of an example run in ``OUT/stages.pt``, written atomically
+    after each one; reopened with other settings it refuses (the resume rule of
+    :func:`recon.checkpoint.check_resume`), with ``restart`` it starts empty."""
+
+    def __init__(self, path: Path, settings: Dict[str, Any], restart: bool):
+        self.path, self.settings, self.done = Path(path), plain_state(settings), {}
+        self._saved: Dict[str, Any] = {}
+        if self.path.is_file() and not restart:
+            state = load_checkpoint(self.path)
+            self._saved = dict(state.get("settings") or {})
+            check_resume(self.path, self._saved, self.settings, ignore=["network_sha256"],
+                         hint="use the saved settings, another --out, or --restart")
+            self.done = dict(state.get("done") or {})
+        self.reused = len(self.done)
+
+    def bind_network(self, digest: str) -> None:
+        """Record the SHA-256 of ``T*`` (:func:`network_digest`); finished stages of another
+        ``T*`` are refused like other settings."""
+        if self.done:
+            check_resume(self.path, {"network_sha256": self._saved.get("network_sha256")},
+                         {"network_sha256": digest},
+                         hint="the rows were computed with another T*: use its checkpoint, "
+                              "another --out, or --restart")
+        self.settings["network_sha256"] = digest
+
+    def of(self, sigma: float) -> Dict[str, Any]:
+        """The finished stages of noise level ``sigma`` by route."""
+        prefix = f"sigma {sigma:g}: "
+        return {k[len(prefix):]: v for k, v in self.done.items() if k.startswith(prefix)}
+
+    def add(self, sigma: float, route: str, stage: Dict[str, Any]) -> str:
+        """Record a finished stage (and write the file); returns its name."""
+        name = f"sigma {sigma:g}: {route}"
+        self.done[name] = stage
+        save_checkpoint({"settings": self.settings, "done": self.done}, self.path)
+        return name
 
 
 def _noisy(data: Dict[str, torch.Tensor], sigma: float, seed: int) -> Dict[str, torch.Tensor]:
@@ -111,39 +203,78 @@ def summary_text(out: Dict[str, Any], metric: str) -> str:
     lines.append(f"{out['seconds']:.0f} s; wrote {out['args']['out']}/table.json and samples_sigma*.png")
     if out["args"].get("quick"):
         lines.append(SMOKE_RUN)
+    if out.get("stages_reused"):
+        lines.append(f"({out['stages_reused']} finished stages of an earlier run reused from "
+                     f"{out['args']['out']}/stages.pt; --restart recomputes them)")
     return "\n".join(lines)
 
 
-def run_example(task: str, source: str, argv: Optional[Sequence[str]] = None,
-                doc: str = "") -> Dict[str, Any]:
-    """Run one example end to end (module docstring); returns the JSON-ready result dict."""
+def _prepare(task: str, source: str, argv, doc: str) -> argparse.Namespace:
+    """Parsed, completed and checked arguments (before any work)."""
+    from bilevel.history import check_writable
+
     args = parse_args(source, argv, doc or __doc__)
+    defaults = (dict(sigmas=[0.3], n_train=8, n_test=32, iters=3, n_pretrain=96, epochs=1)
+                if args.quick else dict(sigmas=[0.1, 0.2, 0.3], n_train=100, n_test=500, iters=10))
+    for key, value in defaults.items():  # an option given on the command line is kept
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.epochs = args.epochs if args.epochs is not None else (12 if task == "segmentation" else 5)
+    args.out = Path(args.out or (f"runs/quick/{task}_{source if args.root else 'standin'}"
+                                 if args.quick else f"outputs/{task}_{source if args.root else 'standin'}"))
+    args.checkpoint = args.checkpoint or str(args.out / "task_net.pt")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {str(args.out)!r} is a file; the results need a folder")
+    check_writable(args.checkpoint, "--checkpoint")
+    return args
+
+
+def run_example(task: str, source: str, argv: Optional[Sequence[str]] = None,
+                doc: str = "", on_stage: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+    """Run one example end to end (module docstring); returns the JSON-ready result dict.
+
+    A rerun with the same options continues where the last one stopped: the pretraining at
+    its last finished epoch, the rows at the first unfinished (noise level, route) stage
+    (``OUT/stages.pt``); other settings are refused with the list of differences
+    (``--restart`` starts over). ``on_stage(name)`` is called after each finished stage
+    (``"pretrain epoch 1"``, ``"sigma 0.3: T* on clean"``, ...) once it is on disk."""
+    args = _prepare(task, source, argv, doc)
     if args.root is None:
         source = "standin"
-    args.epochs = args.epochs if args.epochs is not None else (12 if task == "segmentation" else 5)
-    args.out = Path(args.out or (f"runs/quick/{task}_{source}" if args.quick else f"outputs/{task}_{source}"))
-    args.checkpoint = args.checkpoint or str(args.out / "task_net.pt")
     torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
     progress, t0 = not args.no_progress, time.perf_counter()
-    net, cfg, info = _pretrained(task, source, args, progress)
-    train, test = _splits(task, source, args)
+    cfg = _network_config(task, source, args)
+    stages = _check_resumes(task, source, cfg, args)
+    train, test = _splits(task, source, args)  # data errors before minutes of pretraining
+    net, info = _pretrained(task, source, cfg, args, progress, on_stage)
+    stages.bind_network(network_digest(net))
     k, loss = cfg["num_classes"], task_loss(task)
     score = lambda logits, labels: task_scores(task, logits, labels, k)  # noqa: E731
     results, samples = {}, {}
     for i, sigma in enumerate(args.sigmas):
+        def finished(route, stage, sigma=sigma):
+            name = stages.add(sigma, route, stage)
+            if on_stage is not None:
+                on_stage(name)
         rows, imgs = run_noise_level(net, _noisy(train, sigma, 100 + i), _noisy(test, sigma, 200 + i),
                                      loss, score, finetune=FINETUNE[cfg["kind"]],
                                      tolerances=args.tolerances, max_iter=args.iters,
-                                     finetune_lr=args.finetune_lr, progress=progress)
+                                     finetune_lr=args.finetune_lr, progress=progress,
+                                     done=stages.of(sigma), on_stage=finished)
         results[str(sigma)], samples[sigma] = rows, imgs
         _write_json(args.out / "table.json", {"partial": True, "results": results})
         _save_samples(args.out / f"samples_sigma{sigma:g}.png", imgs, test["label"][:4], task)
+    return _finish(task, source, args, cfg, info, results, stages.reused, t0)
+
+
+def _finish(task, source, args, cfg, info, results, reused, t0) -> Dict[str, Any]:
+    """The result dict (also written to ``OUT/table.json``) and the printed table."""
     metrics = ["dice", "iou"] if task == "segmentation" else ["accuracy", "top5"]
     table = format_table(results, metrics)
     top = str(args.sigmas[-1])
     out = {"task": task, "source": source, "network": cfg, "pretrain": info, "args": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "results": results, "seconds": time.perf_counter() - t0,
+        "results": results, "seconds": time.perf_counter() - t0, "stages_reused": reused,
         "gap_recovered_at_highest_sigma": {r["route"]: gap_recovered(results[top], metrics[0], r["route"])
                                            for r in results[top][2:]}}
     _write_json(args.out / "table.json", out)
@@ -151,11 +282,9 @@ def run_example(task: str, source: str, argv: Optional[Sequence[str]] = None,
 
 
 def _write_json(path: Path, obj) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    """Write JSON atomically (:func:`recon.io.atomic_write`)."""
+    with atomic_write(path, "w") as handle:
+        handle.write(json.dumps(obj, indent=1))
 
 
 def _save_samples(path: Path, imgs, labels, task: str, k: int = 2) -> None:

@@ -92,36 +92,53 @@ def _row(name: str, scores: Mapping[str, float], theta=None, res=None, seconds=N
 def run_noise_level(network: nn.Module, train: Mapping[str, Tensor], test: Mapping[str, Tensor],
                     loss: Callable, score: Callable[[Tensor, Tensor], Dict[str, float]], *,
                     finetune: Sequence[str] = (), tolerances: Sequence[float] = (1e-3, 1e-5),
-                    max_iter: int = 20, finetune_lr: float = 1e-3, progress: bool = False):
+                    max_iter: int = 20, finetune_lr: float = 1e-3, progress: bool = False,
+                    done: Optional[Mapping[str, Mapping[str, Any]]] = None,
+                    on_stage: Optional[Callable[[str, Dict[str, Any]], None]] = None):
     """All rows (module docstring) for one noise level; ``train``/``test`` hold ``"image"``,
     ``"label"`` and the noisy ``"y"`` (float64). Returns ``(rows, images)`` where ``images``
-    maps a route to the test images its task network saw and that network's logits."""
+    maps a route to the test images its task network saw and that network's logits.
+
+    Every row is a stage: ``on_stage(route, stage)`` is called once it is finished, with
+    ``stage = {"row": row, "x": 4 test images, "logits": their logits}``, and a route found in
+    ``done`` (such stages of an earlier, interrupted run) is taken from there instead of being
+    computed again; the task routes then start from the finished MSE route's θ, so a resumed
+    noise level gives the rows of an uninterrupted one."""
     network.eval()
     f32 = lambda t: t.to(next(network.parameters()).dtype)  # noqa: E731
-    rows, images = [], {}
+    rows, images, done = [], {}, dict(done or {})
 
-    def add(name, x, net=network, **kw):
-        logits = predict(net, f32(x))
-        rows.append(_row(name, score(logits, test["label"]), **kw))
-        images[name] = (x[:4].float(), logits[:4])
+    def add(name, compute):
+        stage = done.get(name)
+        if stage is None:
+            x, net, extra = compute()
+            logits = predict(net, f32(x))
+            stage = {"row": _row(name, score(logits, test["label"]), **extra),
+                     "x": x[:4].float(), "logits": logits[:4]}
+            if on_stage is not None:
+                on_stage(name, stage)
+        rows.append(stage["row"])
+        images[name] = (stage["x"], stage["logits"])
+        return stage["row"]
 
-    add("T* on clean", test["image"])
-    add("T* on noisy", test["y"])
-    res, sec = learn_theta(MSEToTarget(), train, min(tolerances), max_iter, progress=progress)
-    add("TV, MSE-learned θ", denoise(res.theta, test["y"]), theta=res.theta, res=res, seconds=sec)
-    theta_mse = res.theta
+    def route(outer, tol, start=None, param_optimizer=None, net=network):
+        res, sec = learn_theta(outer, train, tol, max_iter, param_optimizer=param_optimizer,
+                               progress=progress, start=start)
+        return denoise(res.theta, test["y"], tol), net, dict(theta=res.theta, res=res, seconds=sec)
+
+    add("T* on clean", lambda: (test["image"], network, {}))
+    add("T* on noisy", lambda: (test["y"], network, {}))
+    mse = add("TV, MSE-learned θ", lambda: route(MSEToTarget(), min(tolerances)))
+    theta_mse = {k: torch.tensor(v, dtype=train["y"].dtype) for k, v in mse["theta"].items()}
     for tol in tolerances:
-        outer = TaskLoss(TaskOperator(network), loss)
-        res, sec = learn_theta(outer, train, tol, max_iter, progress=progress, start=theta_mse)
-        add(f"TV, task-learned θ (tol {tol:g})", denoise(res.theta, test["y"], tol), theta=res.theta,
-            res=res, seconds=sec)
+        add(f"TV, task-learned θ (tol {tol:g})",
+            lambda: route(TaskLoss(TaskOperator(network), loss), tol, theta_mse))
     if finetune:
-        tuned = TaskOperator(copy.deepcopy(network), finetune=list(finetune))
-        outer = TaskLoss(tuned, loss)
-        opt = torch.optim.Adam(outer.trainable_parameters().values(), lr=finetune_lr)
-        tol = min(tolerances)
-        res, sec = learn_theta(outer, train, tol, max_iter, param_optimizer=opt, progress=progress,
-                               start=theta_mse)
-        add(f"TV, task-learned θ + fine-tuned T (tol {tol:g})", denoise(res.theta, test["y"], tol),
-            net=tuned.eval(), theta=res.theta, res=res, seconds=sec)
+        def tuned_route():
+            tuned = TaskOperator(copy.deepcopy(network), finetune=list(finetune))
+            outer = TaskLoss(tuned, loss)
+            opt = torch.optim.Adam(outer.trainable_parameters().values(), lr=finetune_lr)
+            x, _, extra = route(outer, min(tolerances), theta_mse, opt)
+            return x, tuned.eval(), extra
+        add(f"TV, task-learned θ + fine-tuned T (tol {min(tolerances):g})", tuned_route)
     return rows, images

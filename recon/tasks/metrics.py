@@ -11,6 +11,8 @@ pixels (label ``≠ ignore_index``) of the data set, ``M[t, p]`` = number of pix
 
 a class absent from both prediction and target has no score (NaN) and is left out of the
 means ``mean Dice = nanmean_k D_k`` and ``mIoU = nanmean_k J_k`` (dimensionless, in [0, 1]).
+Logits or scores holding NaN or inf raise ``ValueError``: ``argmax`` would turn them into class
+0 and a plausible score.
 """
 from __future__ import annotations
 
@@ -23,7 +25,16 @@ __all__ = ["confusion_matrix", "dice_per_class", "iou_per_class", "mean_dice", "
            "segmentation_scores", "top_k_accuracy", "classification_accuracy"]
 
 
+def _check_finite(pred: Tensor, name: str = "pred") -> None:
+    """``ValueError`` for NaN / inf scores: their argmax (class 0 for NaN) is no prediction."""
+    if pred.is_floating_point() and not bool(torch.isfinite(pred).all()):
+        n_bad = int((~torch.isfinite(pred)).sum())
+        raise ValueError(f"`{name}` holds {n_bad} NaN or infinite values; a prediction from "
+                         f"them (argmax of NaN is class 0) would score as if it were real")
+
+
 def _labels_of(pred: Tensor, target: Tensor) -> Tensor:
+    _check_finite(pred)
     if pred.dim() == target.dim() + 1:
         pred = pred.argmax(1)
     if pred.shape != target.shape:
@@ -96,6 +107,7 @@ def top_k_accuracy(logits: Tensor, target: Tensor, k: int = 5) -> float:
                          f"and {tuple(target.shape)}")
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
+    _check_finite(logits, "logits")
     top = logits.topk(min(k, logits.shape[1]), dim=1).indices
     return float((top == target[:, None]).any(1).to(torch.float64).mean())
 

@@ -4,8 +4,11 @@
 :class:`~recon.tasks.SegmentationLoss` or :class:`~recon.tasks.ClassificationLoss`) with Adam
 over ``epochs`` passes; the order of the samples in epoch ``e`` is a fixed function of
 ``(seed, e)``, so a resumed run repeats the uninterrupted one. After every epoch the whole state
-(network ``config`` and weights, optimiser, epoch, per-epoch mean loss) is written atomically
-to ``checkpoint`` (:func:`recon.checkpoint.save_checkpoint`); ``resume=True`` continues from it.
+(network ``config`` and weights, optimiser, epoch, per-epoch mean loss, the settings) is
+written atomically to ``checkpoint`` (:func:`recon.checkpoint.save_checkpoint`);
+``resume=True`` continues from it when the settings agree (the resume rule of
+:func:`recon.checkpoint.check_resume`). A loss or a weight that is not finite stops the run
+with ``FloatingPointError`` before anything is saved.
 :func:`load_task_network` rebuilds the network from such a file with
 ``torch.load(..., weights_only=True)`` — no user object is ever unpickled.
 
@@ -15,6 +18,8 @@ Network configs are plain dicts: ``{"kind": "unet", "in_channels", "num_classes"
 """
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
@@ -22,9 +27,12 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import load_checkpoint, save_checkpoint
+from bilevel.history import check_writable
 
-__all__ = ["build_task_network", "pretrain", "load_task_network", "predict"]
+from ..checkpoint import check_finite_state, check_resume, load_checkpoint, plain_state, save_checkpoint
+
+__all__ = ["build_task_network", "pretrain", "load_task_network", "predict",
+           "pretraining_settings", "check_pretraining_resume"]
 
 
 def build_task_network(config: Mapping[str, Any]) -> nn.Module:
@@ -57,54 +65,116 @@ def _check_data(data: Mapping[str, Tensor]) -> int:
     if len(data["label"]) != n or n == 0:
         raise ValueError(f"data['image'] ({n}) and data['label'] ({len(data['label'])}) must hold "
                          "the same positive number of samples")
+    if not bool(torch.isfinite(data["image"]).all()):
+        bad = (~torch.isfinite(data["image"])).flatten(1).any(1).nonzero().reshape(-1)
+        raise ValueError(f"data['image'] holds NaN or infinite pixels (images {bad[:10].tolist()})")
     return n
+
+
+def _check_settings(epochs, batch_size, lr, weight_decay, seed) -> None:
+    """``ValueError`` naming the argument for a count < its minimum or a rate that is not a
+    finite number in range."""
+    for name, value, low in (("epochs", epochs, 0), ("batch_size", batch_size, 1), ("seed", seed, 0)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+            raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
+    for name, value, zero_ok in (("lr", lr, False), ("weight_decay", weight_decay, True)):
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or value < 0 or (value == 0 and not zero_ok):
+            raise ValueError(f"`{name}` must be a finite number {'>= 0' if zero_ok else '> 0'}, "
+                             f"got {value!r}")
+
+
+def pretraining_settings(config, lr, batch_size, weight_decay, seed, n_samples, metadata) -> dict:
+    """The settings a :func:`pretrain` checkpoint records and a resume compares."""
+    return plain_state({"config": dict(config or {}), "lr": float(lr),
+                        "batch_size": int(batch_size), "weight_decay": float(weight_decay),
+                        "seed": int(seed), "n_samples": n_samples, "metadata": dict(metadata or {})})
+
+
+def check_pretraining_resume(checkpoint, settings: Mapping[str, Any], accept_changes: bool = False,
+                             ignore=()) -> Dict[str, Any]:
+    """The resume rule (:func:`recon.checkpoint.check_resume`) for the :func:`pretrain`
+    checkpoint at ``checkpoint`` and ``settings`` (:func:`pretraining_settings`; ``ignore``:
+    keys not known yet, e.g. ``n_samples`` before the data are read). Returns the checkpoint."""
+    state = load_checkpoint(checkpoint)
+    saved = {"config": state.get("config"), **(state.get("settings") or {"settings": "<not recorded>"})}
+    check_resume(checkpoint, saved, settings, accept_changes=accept_changes, ignore=ignore,
+                 hint="use the saved settings, another checkpoint path, or start over "
+                      "(resume=False; on the command line --restart)")
+    return state
+
+
+def _resume(checkpoint, network, opt, settings, accept_changes) -> Tuple[list, int]:
+    """``(history, epochs done)`` of the checkpoint, loaded into ``network`` and ``opt`` after
+    the resume rule (``epochs`` may grow)."""
+    state = check_pretraining_resume(checkpoint, settings, accept_changes)
+    check_finite_state(state["model"], f"checkpoint {str(checkpoint)!r}")
+    network.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    return list(state["history"]), int(state["epoch"])
+
+
+def _epoch(network, opt, data, loss, order, batch_size, epoch, lr) -> float:
+    """One pass in ``order``; returns the mean loss (``FloatingPointError`` if not finite)."""
+    network.train()
+    total, n = 0.0, len(order)
+    for i in range(0, n, batch_size):
+        idx = order[i:i + batch_size]
+        opt.zero_grad(set_to_none=True)
+        value = loss(network(data["image"][idx]), data["label"][idx])
+        v = float(value.detach())
+        if not math.isfinite(v):
+            raise FloatingPointError(f"pretraining loss is {v} at epoch {epoch + 1}, batch "
+                                     f"{i // batch_size + 1} (lr {lr:g} too large?); the "
+                                     f"checkpoint keeps the last finite epoch")
+        value.backward()
+        opt.step()
+        total += v * len(idx)
+    check_finite_state(network.state_dict(), f"the network after pretraining epoch {epoch + 1}")
+    return total / n
 
 
 def pretrain(network: nn.Module, data: Mapping[str, Tensor], loss: Callable[[Tensor, Tensor], Tensor],
              *, epochs: int = 10, batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 0.0,
              seed: int = 0, checkpoint: Optional[str | Path] = None, resume: bool = True,
-             config: Optional[Mapping[str, Any]] = None, progress: bool = True) -> Dict[str, Any]:
+             config: Optional[Mapping[str, Any]] = None, progress: bool = True,
+             metadata: Optional[Mapping[str, Any]] = None, accept_changes: bool = False,
+             callback: Optional[Callable[[int, float], None]] = None) -> Dict[str, Any]:
     """Train ``network`` on ``data = {"image": (N, C, H, W), "label": ...}`` (module docstring).
 
     Returns ``{"loss": [mean loss per epoch], "epochs": epochs done, "seconds": wall time of
-    this call}``. With ``checkpoint`` and ``resume=True`` an existing file is loaded first
-    (its ``config`` must equal ``config``) and training continues after its last epoch.
+    this call}``. With ``checkpoint`` and ``resume=True`` an existing file is continued after
+    its last epoch, but only if it was made with the same ``config``, ``lr``,
+    ``batch_size``, ``weight_decay``, ``seed``, number of samples and ``metadata`` (the data
+    settings, plain values); otherwise :class:`~recon.checkpoint.ResumeMismatchError` lists
+    the differences (``accept_changes=True``: warn and continue).  ``epochs`` may grow.
+    A non-finite loss or weight raises ``FloatingPointError`` (no such checkpoint is written).
+    ``callback(epoch, mean_loss)`` runs after each epoch's checkpoint is written.
     """
     from tqdm.auto import tqdm
 
     n = _check_data(data)
-    if not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    _check_settings(epochs, batch_size, lr, weight_decay, seed)
+    if checkpoint is not None:
+        check_writable(checkpoint, "checkpoint")
+    settings = pretraining_settings(config, lr, batch_size, weight_decay, seed, n, metadata)
     opt = torch.optim.Adam(network.parameters(), lr=lr, weight_decay=weight_decay)
     history, start = [], 0
     if checkpoint is not None and resume and Path(checkpoint).is_file():
-        state = load_checkpoint(checkpoint)
-        if config is not None and dict(state.get("config") or {}) != dict(config):
-            raise ValueError(f"checkpoint {str(checkpoint)!r} holds config {state.get('config')}, "
-                             f"not {dict(config)}; delete it or pass resume=False")
-        network.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        history, start = list(state["history"]), int(state["epoch"])
+        history, start = _resume(checkpoint, network, opt, settings, accept_changes)
     t0 = time.perf_counter()
     bar = tqdm(range(start, epochs), desc="pretrain", disable=not progress, leave=False)
     for epoch in bar:
-        network.train()
-        order, total = _epoch_order(n, seed, epoch), 0.0
-        for i in range(0, n, batch_size):
-            idx = order[i:i + batch_size]
-            opt.zero_grad(set_to_none=True)
-            value = loss(network(data["image"][idx]), data["label"][idx])
-            value.backward()
-            opt.step()
-            total += float(value.detach()) * len(idx)
-        history.append(total / n)
+        history.append(_epoch(network, opt, data, loss, _epoch_order(n, seed, epoch), batch_size,
+                              epoch, lr))
         bar.set_postfix(loss=f"{history[-1]:.4f}")
         if checkpoint is not None:
-            save_checkpoint({"config": dict(config or {}), "model": network.state_dict(),
-                             "optimizer": opt.state_dict(), "epoch": epoch + 1, "history": history},
+            save_checkpoint({"config": settings["config"], "model": network.state_dict(),
+                             "optimizer": opt.state_dict(), "epoch": epoch + 1, "history": history,
+                             "settings": {k: v for k, v in settings.items() if k != "config"}},
                             checkpoint)
+        if callback is not None:
+            callback(epoch + 1, history[-1])
     network.eval()
     return {"loss": history, "epochs": max(start, epochs), "seconds": time.perf_counter() - t0}
 
@@ -115,6 +185,7 @@ def load_task_network(path: str | Path) -> Tuple[nn.Module, Dict[str, Any]]:
     for key in ("config", "model"):
         if key not in state:
             raise ValueError(f"{str(path)!r} is not a task-network checkpoint (no {key!r} entry)")
+    check_finite_state(state["model"], f"checkpoint {str(path)!r}")
     net = build_task_network(state["config"])
     net.load_state_dict(state["model"])
     return net.eval(), state

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,6 +28,7 @@ import torch
 
 from ..io import atomic_write
 from ..scripts import plain_text
+from .argtypes import float_above, float_in, int_at_least
 from .evaluation import evaluate_methods, format_table, load_methods, save_samples_png
 from .experiment import build_setup, default_setup
 from .loop import TrainConfig, TrainResult, fit
@@ -36,40 +37,13 @@ __all__ = ["add_train_arguments", "add_evaluate_arguments", "train_from_args", "
            "main", "console_main"]
 
 
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {text!r}")
-        return value
-    parse.__name__ = f"int>={low}"
-    return parse
+_positive_float = float_above(0.0, strict=True)
+_nonnegative_float = float_above(0.0, strict=False)
+_finite_float = float_in()
+_beta = float_in(0.0, 1.0, strict_high=True)
 
 
-def _float_above(low: float, strict: bool):
-    """argparse type: a finite float ``> low`` (``strict``) or ``≥ low``."""
-    bound = f"{'>' if strict else '>='} {low:g}"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text!r}") from None
-        if not (math.isfinite(value) and (value > low if strict else value >= low)):
-            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text!r}")
-        return value
-    parse.__name__ = f"float{bound.replace(' ', '')}"
-    return parse
-
-
-_positive_float = _float_above(0.0, strict=True)
-_nonnegative_float = _float_above(0.0, strict=False)
-
-
-_POS, _NONNEG = _int_at_least(1), _int_at_least(0)
+_POS, _NONNEG = int_at_least(1), int_at_least(0)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -108,10 +82,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--epochs", type=_POS, default=10)
     o.add_argument("--batch-size", type=_POS, default=8)
     o.add_argument("--lr", type=_positive_float, default=5e-5, help="Adam learning rate (5e-5)")
-    o.add_argument("--betas", type=float, nargs=2, default=(0.5, 0.99))
+    o.add_argument("--betas", type=_beta, nargs=2, default=(0.5, 0.99))
     o.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
     o.add_argument("--warmup", type=_NONNEG, default=0, help="linear lr warm-up steps")
-    o.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (<=0: none)")
+    o.add_argument("--clip", type=_finite_float, default=1.0, help="gradient-norm clip (<=0: none)")
     o.add_argument("--seed", type=_NONNEG, default=0, help="weights, sample order, random subsets")
     o.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     o.add_argument("--threads", type=_POS, default=None, help="torch CPU threads")
@@ -144,6 +118,14 @@ def train_from_args(args: argparse.Namespace) -> TrainResult:
                           photons=args.photons, mu_scale=args.mu_scale,
                           noise_level=args.noise_level, n_ellipses=args.n_ellipses,
                           fbp_filter=args.fbp_filter, data_seed=args.data_seed, n_train=args.n_train, n_val=args.n_val)
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         betas=tuple(args.betas), schedule=args.schedule,
+                         warmup_steps=args.warmup,
+                         clip_grad_norm=args.clip if args.clip > 0 else None, seed=args.seed,
+                         device=args.device, save_every=args.save_every,
+                         progress=not args.no_progress)
+    if args.resume:  # the settings known now are checked before the data are simulated
+        _precheck_resume(out / "last.pt", config, setup, args.model)
     operator, train_data = build_setup(setup, "train")
     _, val_data = build_setup(setup, "val", operator=operator)
     overrides = {key: getattr(args, arg) for arg, key in _MODEL_ARGS.items()
@@ -151,15 +133,31 @@ def train_from_args(args: argparse.Namespace) -> TrainResult:
     torch.manual_seed(args.seed)
     model = build_model(args.model, operator, args.preset,
                         fbp_filter=setup["fbp_filter"], **overrides)
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         betas=tuple(args.betas), schedule=args.schedule,
-                         warmup_steps=args.warmup,
-                         clip_grad_norm=args.clip if args.clip > 0 else None, seed=args.seed,
-                         device=args.device, save_every=args.save_every,
-                         progress=not args.no_progress,
-                         x0_key="fbp" if model.get_config().get("init") == "fbp" else None)
+    config = dataclasses.replace(
+        config, x0_key="fbp" if model.get_config().get("init") == "fbp" else None)
     metadata = {"model_name": args.model, "model_config": model.get_config(), "setup": setup}
     return fit(model, train_data, val_data, config, out, resume=args.resume, metadata=metadata)
+
+
+def _precheck_resume(last: Path, config: TrainConfig, setup: dict, model_name: str) -> None:
+    """The resume rule on the settings known before any work (the full check follows in
+    :func:`recon.training.fit`)."""
+    from ..checkpoint import check_resume, load_checkpoint
+    from .state import _RESUMABLE, _plain
+
+    if not last.is_file():
+        raise FileNotFoundError(f"cannot resume: {str(last)!r} does not exist (no earlier run "
+                                f"in this folder); train without --resume")
+    state = load_checkpoint(last)
+    meta = state.get("metadata") or {}
+    saved = {**_plain(dataclasses.asdict(TrainConfig())), **(state.get("train_config") or {})}
+    now = _plain(dataclasses.asdict(config))
+    for key in ("x0_key",):  # decided by the model, checked by fit
+        saved.pop(key, None), now.pop(key, None)
+    check_resume(last, {"train_config": saved, "metadata": {"setup": meta.get("setup"),
+                                                            "model_name": meta.get("model_name")}},
+                 {"train_config": now, "metadata": {"setup": setup, "model_name": model_name}},
+                 ignore=[f"train_config.{key}" for key in _RESUMABLE])
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -233,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> Any:
 def console_main(argv: Sequence[str] | None = None, prog: str = "python -m recon.train",
                  entry=None) -> int:
     """Run ``entry`` (default :func:`main`) as a program: bad settings, missing or corrupt files
-    print ``prog: error: ...`` (no traceback) and return exit status 2."""
+    print ``prog: error: ...`` (no traceback) and return exit status 2; a run that diverged
+    (``FloatingPointError``: a NaN / inf loss or weight) prints the same and returns 1."""
     from ..checkpoint import CorruptCheckpointError
 
     try:
@@ -241,4 +240,7 @@ def console_main(argv: Sequence[str] | None = None, prog: str = "python -m recon
     except (ValueError, TypeError, FileNotFoundError, CorruptCheckpointError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..checkpoint import save_checkpoint
+from ..checkpoint import check_finite_state, save_checkpoint
 from . import parallel
 from .experiment import TensorData
 from .state import ResumeMismatchError, restore, settings_differences, training_state
@@ -258,6 +258,24 @@ def fit(model: nn.Module, train_data: TensorData, val_data: TensorData | None = 
                dynamic_ncols=True, desc="train")
     model.train()
     running, epoch_start = None, time.perf_counter()
+
+    def end_epoch_if_due() -> bool:
+        """Validate and record the epoch that ``result.step`` completes, once (also when a
+        ``last.pt`` saved at an epoch's last step, before its validation, was resumed)."""
+        nonlocal epoch_losses, epoch_start
+        if result.step % steps_per_epoch or result.step // steps_per_epoch <= result.epoch:
+            return False
+        result.epoch = result.step // steps_per_epoch
+        record = _end_of_epoch(model, val_data, config, result, epoch_losses, optimizer,
+                               time.perf_counter() - epoch_start, meta)
+        bar.set_postfix(epoch=result.epoch, val_psnr=f"{record['val_psnr']:.2f}")
+        if callback is not None:
+            callback(record)
+        epoch_losses, epoch_start = [], time.perf_counter()
+        return True
+
+    if end_epoch_if_due():  # resumed between an epoch's last step and its validation
+        save_last()
     while result.step < stop:
         epoch, offset = divmod(result.step, steps_per_epoch)
         order = _epoch_order(n, config.seed, epoch)
@@ -274,15 +292,7 @@ def fit(model: nn.Module, train_data: TensorData, val_data: TensorData | None = 
                 save_last()
             if result.step >= stop:
                 break
-        if result.step % steps_per_epoch == 0 and result.step // steps_per_epoch > result.epoch:
-            result.epoch = result.step // steps_per_epoch
-            record = _end_of_epoch(model, val_data, config, result, epoch_losses, optimizer,
-                                   time.perf_counter() - epoch_start, meta)
-            bar.set_postfix(epoch=result.epoch, loss=f"{running:.3e}",
-                            val_psnr=f"{record['val_psnr']:.2f}")
-            if callback is not None:
-                callback(record)
-            epoch_losses, epoch_start = [], time.perf_counter()
+        end_epoch_if_due()
         save_last()
     bar.close()
     parallel.barrier()  # every rank returns once rank 0's checkpoints are on disk
@@ -357,7 +367,9 @@ def _check_fit_inputs(config, train_data, val_data, max_steps) -> None:
 
 
 def _end_of_epoch(model, val_data, config, result, losses, optimizer, seconds, meta) -> dict:
-    """Validate, append the epoch's history record, write ``best.pt`` if it is the best."""
+    """Validate, append the epoch's history record, write ``best.pt`` if it is the best
+    (``FloatingPointError`` if the weights hold NaN / inf: never saved)."""
+    check_finite_state(model.state_dict(), f"the model after epoch {result.epoch}")
     val = (validate(model, val_data, config.batch_size, config.device, config.x0_key)
            if val_data is not None else float("nan"))
     record = {"epoch": float(result.epoch), "step": float(result.step),

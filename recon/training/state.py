@@ -3,7 +3,8 @@
 ``last.pt`` stores the model, optimizer, scheduler, step / epoch counters, best validation
 PSNR, history, the running epoch's losses, the random state, the :class:`TrainConfig` and the
 caller's metadata (model name and configuration, experiment set-up).  :func:`restore` refuses
-a resume whose settings differ from the saved ones, listing every difference; only
+a resume whose settings differ from the saved ones, listing every difference (the one
+resume rule, :func:`recon.checkpoint.check_resume`); only
 ``device``, ``progress`` and ``save_every`` may change.
 """
 
@@ -15,13 +16,10 @@ from typing import Any, Mapping
 
 import torch
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import ResumeMismatchError, check_resume, load_checkpoint
+from ..checkpoint import settings_differences as _differences
 
 __all__ = ["ResumeMismatchError", "settings_differences", "training_state", "restore"]
-
-
-class ResumeMismatchError(ValueError):
-    """``resume=True`` with settings that differ from those saved in ``last.pt``."""
 
 
 def _rng_state() -> dict[str, Any]:
@@ -66,16 +64,13 @@ def restore(path, model, optimizer, scheduler, result, total_steps, config, meta
                                 f"in this folder); train without resume")
     state = load_checkpoint(path)
     saved_config = {**_plain(dataclasses.asdict(type(config)())), **(state.get("train_config") or {})}
-    diffs = settings_differences(
-        {"train_config": saved_config, "metadata": state.get("metadata")},
-        {"train_config": _plain(dataclasses.asdict(config)), "metadata": _plain(meta)})
-    if state.get("total_steps") != total_steps:
-        diffs.append(f"total_steps: {state.get('total_steps')} (saved) != {total_steps} (now; "
-                     f"epochs, batch_size and data size decide it)")
-    if diffs:
-        raise ResumeMismatchError(
-            f"cannot resume {str(path)!r} with other settings than it was trained with:\n  "
-            + "\n  ".join(diffs) + "\nuse the saved settings, or a new output folder")
+    check_resume(path, {"train_config": saved_config, "metadata": state.get("metadata"),
+                        "total_steps": state.get("total_steps")},
+                 {"train_config": _plain(dataclasses.asdict(config)), "metadata": _plain(meta),
+                  "total_steps": total_steps},
+                 ignore=[f"train_config.{key}" for key in _RESUMABLE],
+                 hint="(total_steps follows from epochs, batch_size and the data size)\n"
+                      "use the saved settings, or a new output folder")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -87,22 +82,12 @@ def restore(path, model, optimizer, scheduler, result, total_steps, config, meta
 
 
 def settings_differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
-    """Lines ``key: saved (saved) != now (now)`` for every leaf that differs (nested dicts).
+    """Lines ``key: saved (saved) != now (now)`` for every leaf that differs (nested dicts;
+    :func:`recon.checkpoint.settings_differences`).
 
     Keys in :data:`_RESUMABLE` of a ``train_config`` are ignored.
     """
-    if isinstance(saved, Mapping) and isinstance(now, Mapping):
-        out = []
-        for key in sorted(set(saved) | set(now), key=str):
-            if prefix.endswith("train_config") and key in _RESUMABLE:
-                continue
-            name = f"{prefix}.{key}" if prefix else str(key)
-            out += settings_differences(saved.get(key, "<missing>"), now.get(key, "<missing>"),
-                                        name)
-        return out
-    if _plain(saved) == _plain(now):
-        return []
-    return [f"{prefix}: {saved!r} (saved) != {now!r} (now)"]
+    return _differences(saved, now, prefix, ignore=[f"train_config.{k}" for k in _RESUMABLE])
 
 
 def _plain(value: Any) -> Any:
