@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 
 import recon.joint.routes as routes
+from recon.scripts import help_parser
 from recon.joint import (JointConfig, build_joint_data, default_joint_setup,
                          default_model_options, evaluate_net, predict, run_route)
 
 
 def main(argv=None) -> list:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = help_parser(__doc__)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--n-angles", type=int, default=30)
     p.add_argument("--n-train", type=int, default=64)

@@ -25,6 +25,7 @@ from recon.data.natural_images import denoising_batch
 from recon.learned_experts import LearnedFieldOfExperts, initial_theta
 from recon.losses import MSEToTarget
 from recon.problems import TVDenoising
+from recon.scripts import help_parser  # noqa: E402
 
 
 def _psnr(x, batch) -> float:
@@ -80,7 +81,7 @@ def _run(name, inner, theta0, train, test, iters, bounds=None, optimizer="hoag")
 
 
 def main(argv=None) -> list:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = help_parser(__doc__)
     p.add_argument("--n-train", type=int, default=8)
     p.add_argument("--n-test", type=int, default=8)
     p.add_argument("--size", type=int, default=32)

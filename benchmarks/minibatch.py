@@ -38,6 +38,7 @@ from bilevel.linalg import batch_norm  # noqa: E402
 from recon.data.natural_images import image_patches  # noqa: E402
 from recon.losses import MSEToTarget  # noqa: E402
 from recon.problems import TVDenoising  # noqa: E402
+from recon.scripts import help_parser  # noqa: E402
 
 DT = torch.float64
 # log smoothing ≥ −7: below it (the MSE optimum runs to −12 here) the inner problems get so ill
@@ -185,7 +186,7 @@ def _memory_probe(n: int, size: int) -> None:
 
 
 def parse(argv):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = help_parser(__doc__)
     ap.add_argument("--n-train", type=int, default=2048)
     ap.add_argument("--n-val", type=int, default=256)
     ap.add_argument("--n-test", type=int, default=512)

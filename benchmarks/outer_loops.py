@@ -56,6 +56,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import peer_problems as pp  # noqa: E402
 from bilevel import HOAG, MAID, Bounds, QuasiNewton, solve_inner  # noqa: E402
+from recon.scripts import help_parser  # noqa: E402
 
 DTYPE = torch.float64
 SUCCESS_GAP = 1e-6
@@ -372,7 +373,7 @@ def _jsonable(res):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = help_parser(__doc__)
     ap.add_argument("--problems", nargs="+", choices=ALL, default=list(ALL))
     ap.add_argument("--loops", nargs="+", choices=list(LOOPS), default=None,
                     help="run only these loops (default: all)")

@@ -553,3 +553,13 @@ def data_cleaning(n_train: int = 1024, corrupt: float = 0.5, reg: float = 1e-2, 
                 mean_weight_clean=float(best_w[~bad].mean()),
                 mean_weight_corrupted=float(best_w[bad].mean()))
     return inner, outer, theta0, batch, None, info
+
+
+if __name__ == "__main__":  # a library of problems; benchmarks/outer_loops.py runs them
+    import sys as _sys
+    sys_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    _sys.path.insert(0, sys_path)
+    from recon.scripts import help_parser
+    help_parser(__doc__ + "\nRun them with: python benchmarks/outer_loops.py").parse_args()
+    print("problems: per_feature_ridge, benchopt_quadratic, data_cleaning "
+          "(run them with python benchmarks/outer_loops.py)")

@@ -135,11 +135,12 @@ def test_benchmark_quick_runs_never_default_to_the_committed_results():
         assert "print(SMOKE_RUN)" in text, name
 
 
-def test_task_example_quick_settings(capsys):
-    from recon.tasks.example import parse_args
-    args = parse_args("cityscapes", ["--quick", "--threads", "1"], "Doc.")
-    assert args.iters == 3 and args.notes[0] == SMOKE_RUN
-    with pytest.raises(SystemExit):
-        parse_args("cityscapes", ["--quick", "--iters", "9"], "Doc.")
-    assert "--iters 9" in capsys.readouterr().err
+def test_task_example_quick_settings(tmp_path):
+    """--quick fills in the smoke settings, writes under runs/quick/, and keeps given options."""
+    from recon.tasks.example import _prepare
+    args = _prepare("classification", "stanford_dogs", ["--quick", "--threads", "1"], "Doc.")
+    assert args.iters == 3 and str(args.out).startswith("runs/quick/")
+    args = _prepare("classification", "stanford_dogs",
+                    ["--quick", "--iters", "9", "--out", str(tmp_path / "o")], "Doc.")
+    assert args.iters == 9 and args.n_train == 8
     assert isinstance(help_parser("x"), argparse.ArgumentParser)
