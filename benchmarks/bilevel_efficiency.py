@@ -22,6 +22,9 @@ Methods (each stops after ``--iters`` outer iterations or once its cost passes `
   ``maxᵦ‖∇ₓΦ_b(x⁰)‖``, CG relative to ``‖(∇ₓℓ)_b‖``), its Armijo step rule and stopping rules.
 * ``IFT-fixed`` -- HOAG's loop with the implicit (``ImplicitCG``) hypergradient at the fixed
   relative accuracy ``1e-3`` (inner and CG).
+* ``QuasiNewton`` -- :class:`bilevel.QuasiNewton`, default parameters (inexact projected L-BFGS).
+* ``L-BFGS-B exact`` -- the anchor: scipy's L-BFGS-B on exact hypergradients (inner solve and CG
+  at 1e-10), what a user would write by hand; every evaluation counts as an iteration.
 * ``Unrolled`` -- the same with :class:`bilevel.Unrolled` (``--unroll`` gradient steps of size
   ``1/L`` from the inner solution, differentiated by backprop; its cost counts them).
 
@@ -50,8 +53,11 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # peer_problems (the anchor)
 
-from bilevel import HOAG, MAID, Bounds, ImplicitCG, Unrolled, solve_inner  # noqa: E402
+from bilevel import HOAG, MAID, Bounds, ImplicitCG, QuasiNewton, Unrolled, solve_inner  # noqa: E402
+from bilevel.history import History  # noqa: E402
+from recon.scripts import SMOKE_RUN, explicit_options, help_parser  # noqa: E402
 from bilevel.history import save_figure  # noqa: E402
 from bilevel.hypergrad import outer_gradients  # noqa: E402
 from bilevel.linalg import batch_norm  # noqa: E402
@@ -112,10 +118,26 @@ def first_reach(costs, losses, level):
     return next((c for c, l in zip(costs, losses) if l <= level), None)
 
 
+def _exact_anchor(inner, outer, theta0, batch, max_cost):
+    """The anchor row: scipy's L-BFGS-B on exact hypergradients (inner solve and CG at 1e-10),
+    its evaluations as History records (stopped once its cost passes ``max_cost``)."""
+    from peer_problems import exact_lbfgsb
+
+    r = exact_lbfgsb(inner, outer, theta0, batch, bounds=BOUNDS_OF[0], inner_method=INNER_METHOD,
+                     inner_max_iter=INNER_MAX_ITER, maxiter=200)
+    records = [dict(rec, accepted=True, iteration=i) for i, rec in enumerate(r["history"])
+               if rec["cost"] <= max_cost or i == 0]
+    return History(records), r["message"]
+
+
+BOUNDS_OF = [None]  # the bounds of the problem being run (set by run)
+
+
 def run(images=16, size=64, sigma=0.1, iters=60, max_cost=3000, unroll=30, seed=0, problem="tv"):
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     warnings.simplefilter("ignore", RuntimeWarning)  # caps are flagged in the History instead
     inner_cls, THETA0, BOUNDS = PROBLEMS[problem]
+    BOUNDS_OF[0] = BOUNDS
     inner, outer = inner_cls(), MSEToTarget()
     batch = denoising_batch(images, size, sigma, seed=seed, dtype=DTYPE)
     theta0 = _theta(THETA0)
@@ -146,6 +168,11 @@ def run(images=16, size=64, sigma=0.1, iters=60, max_cost=3000, unroll=30, seed=
             HOAG(inner, outer, estimator=e, tolerance="constant", tol0=1e-3, max_iter=iters,
                  bounds=BOUNDS, inner_method=INNER_METHOD, inner_max_iter=INNER_MAX_ITER,
                  callback=stop).run(theta0, batch)))
+
+    timed("QuasiNewton", lambda: (lambda r: (r.history, r.message))(
+        QuasiNewton(inner, outer, max_iter=iters, bounds=BOUNDS, inner_method=INNER_METHOD,
+                    inner_max_iter=INNER_MAX_ITER, callback=stop).run(theta0, batch)))
+    timed("L-BFGS-B exact", lambda: _exact_anchor(inner, outer, theta0, batch, max_cost))
 
     print("re-evaluating the true upper loss of every iterate ...", flush=True)
     for name, r in runs.items():
@@ -256,8 +283,10 @@ def table(result):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: 4 images of 32², 12 iterations")
+    p = help_parser(__doc__)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run (4 images of 32², 12 iterations) in runs/quick/; its numbers "
+                        "are not meaningful, and options given are kept")
     p.add_argument("--problem", choices=sorted(PROBLEMS), default="tv",
                    help="tv: smoothed TV (2 hyperparameters); foe: field of experts (25)")
     p.add_argument("--images", type=int, default=None, help="default 16 (tv), 8 (foe)")
@@ -267,12 +296,17 @@ def main(argv=None):
     p.add_argument("--max-cost", type=int, default=3000)
     p.add_argument("--unroll", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument("--out", default=None, help="default benchmarks/results (--quick: runs/quick)")
     a = p.parse_args(argv)
+    given = explicit_options(p, argv)
     a.images = a.images or (16 if a.problem == "tv" else 8)
     a.size = a.size or (64 if a.problem == "tv" else 32)
     if a.quick:
-        a.images, a.size, a.iters, a.max_cost, a.unroll = 4, 32, 12, 600, 10
+        for key, value in dict(images=4, size=32, iters=12, max_cost=600, unroll=10).items():
+            if key not in given:
+                setattr(a, key, value)
+    a.out = a.out or (os.path.join("runs", "quick") if a.quick else
+                      os.path.join(os.path.dirname(__file__), "results"))
     result = run(a.images, a.size, a.sigma, a.iters, a.max_cost, a.unroll, a.seed, a.problem)
     result["config"]["quick"] = a.quick
     print(table(result))
@@ -282,6 +316,8 @@ def main(argv=None):
         json.dump(result, f, indent=1, default=float)
     plot(result, os.path.join(a.out, stem + ".png"))
     print(f"wrote {os.path.join(a.out, stem + '.json')} and .png")
+    if a.quick:
+        print(SMOKE_RUN)
 
 
 if __name__ == "__main__":

@@ -142,7 +142,8 @@ def exact_lbfgsb(inner: InnerProblem, outer: OuterLoss, theta0: Dict[str, Tensor
             state["nonfinite"] += 1
             loss, grad = math.inf, np.zeros_like(v)
         state["history"].append(dict(upper_loss=loss, cost=state["cost"],
-                                     elapsed=time.perf_counter() - state["t0"]))
+                                     elapsed=time.perf_counter() - state["t0"],
+                                     theta={k: t.tolist() for k, t in theta.items()}))
         return loss, grad
 
     opts = dict(maxiter=maxiter, maxfun=4 * maxiter)
