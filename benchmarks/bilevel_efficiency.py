@@ -32,7 +32,7 @@ Every iterate's *true* upper loss ``ℓ(x̂(θ_k))`` is re-evaluated afterwards 
 problem solved to ``‖∇ₓΦ_b‖ ≤ 1e-9`` by Newton-CG (not counted as cost; the loss is then exact to
 about ``Σ_b‖(∇ₓℓ)_b‖·1e-9/μ ≈ 3e-9``, far below the reach tolerance), so the curves compare what
 each method actually reached, not its own inexact estimate. The *final* iterate of a run is its
-last accepted one (HOAG may end on a rejected trial step, whose cost still counts). Target (issue 3): MAID reaches the best
+last accepted one (HOAG may end on a rejected trial step, whose cost still counts). Target: MAID reaches the best
 HOAG variant's final upper loss with at most a third of that variant's cost. *Best* = lowest
 final true loss, variants within ``1e-4·(ℓ₀ − ℓ_best)`` of it count as tied and the cheapest
 tied one is taken; *reaching* a loss ``L`` means a true loss ``≤ L + 1e-4·(ℓ₀ − L)``.
