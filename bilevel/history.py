@@ -122,6 +122,31 @@ def check_writable(path, name: str = "checkpoint") -> None:
         raise ValueError(f"{name} {os.fspath(path)!r}: its parent {parent!r} is a file, not a folder")
 
 
+def plain_payload(obj: Any, where: str = "payload") -> Any:
+    """``obj`` with numpy scalars and arrays turned into Python numbers and tensors, paths into
+    strings, tuples into lists; anything else that ``torch.load(..., weights_only=True)`` would
+    refuse raises ``TypeError`` naming where it sits (so a saved Result can always be loaded)."""
+    import numpy as np
+    import torch
+
+    if isinstance(obj, np.generic):  # before float: np.float64 is a float subclass
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)):
+        return obj
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, dict):
+        return {k: plain_payload(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain_payload(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, torch.dtype):
+        return obj
+    raise TypeError(f"Result.save: {where} is a {type(obj).__name__}, which a weights-only load "
+                    f"cannot read; store tensors, numbers, strings, lists or dicts")
+
+
 def save_figure(fig, path: str) -> None:
     """Write a matplotlib figure atomically (temporary file in the same folder, then rename)."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -174,6 +199,7 @@ class Result:
         import torch
         payload = {k: getattr(self, k) for k in self._FIELDS}
         payload["history"] = self.history.records
+        payload = {k: plain_payload(v, k) for k, v in payload.items()}
         payload["format"] = "bilevel.Result/1"
         check_writable(path, "path")
         folder = os.path.dirname(os.path.abspath(path))

@@ -23,6 +23,7 @@ from recon.data import PoissonNoise, ellipse_phantom, lesion_phantom, shepp_loga
 from recon.metrics import psnr, ssim  # noqa: E402
 from recon.operators import ParallelBeamGeometry, RayTransform, fbp  # noqa: E402
 from recon.scripts import help_parser  # noqa: E402
+from recon.training.argtypes import float_above  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
     parser.add_argument("--phantom", choices=["lesion", "ellipses", "shepp-logan"], default="lesion")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--angles", type=int, default=90)
-    parser.add_argument("--I0", type=float, default=7e4, help="incident photons per bin; 0 = no noise")
+    parser.add_argument("--I0", type=float_above(0.0, strict=False), default=7e4, help="incident photons per bin; 0 = no noise")
     parser.add_argument("--filter", default="hann")
     parser.add_argument("--backend", default="torch", choices=["torch", "astra", "odl"])
     parser.add_argument("--seed", type=int, default=0)

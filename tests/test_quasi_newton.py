@@ -226,3 +226,20 @@ def test_quickstart_problem_converges_by_itself():
     assert res.n_iter <= 40
     hoag = HOAG(TVDenoising(), MSEToTarget(), bounds=bounds, max_iter=40).run(theta0, batch)
     assert res.upper_loss <= hoag.upper_loss + 1e-12
+
+
+def test_result_save_converts_numpy_and_paths_and_refuses_the_rest(tmp_path):
+    import pathlib
+    from bilevel import History
+    r = Result(theta={"a": torch.tensor(1.0)}, x=None,
+               history=History([{"upper_loss": np.float64(1.5), "theta": {"a": 1.0}}]),
+               success=True, message="m", n_iter=1, params={},
+               state={"p": pathlib.Path("/tmp/x"), "t": (1, 2)}, best_theta=None, best_x=None,
+               best_loss=np.float32(2.0), best_iteration=None, last_theta=None)
+    r.save(str(tmp_path / "r.pt"))
+    back = Result.load(str(tmp_path / "r.pt"))
+    assert back.state == {"p": "/tmp/x", "t": [1, 2]} and back.history[0]["upper_loss"] == 1.5
+    r.state = {"bad": object()}
+    with pytest.raises(TypeError, match=r"state\['bad'\]"):
+        r.save(str(tmp_path / "s.pt"))
+    assert not (tmp_path / "s.pt").exists()

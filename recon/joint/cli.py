@@ -13,6 +13,7 @@ network sizes); ``evaluate`` rebuilds each model and its test split and prints D
 from __future__ import annotations
 
 import argparse
+from ..training.argtypes import float_above, float_in
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,10 +33,11 @@ __all__ = ["main", "train_from_args", "load_joint_model", "evaluate_checkpoints"
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     d, m = default_joint_setup(), default_model_options()
     p.add_argument("--route", choices=ROUTES, required=True)
-    p.add_argument("--C", type=float, default=0.5, help="task weight C in [0, 1] (joint routes)")
+    p.add_argument("--C", type=float_in(0.0, 1.0), default=0.5, help="task weight C in [0, 1] (joint routes)")
     for key in ("image_size", "n_angles", "n_train", "n_test", "data_seed"):
         p.add_argument("--" + key.replace("_", "-"), type=int, default=d[key])
-    p.add_argument("--photons", type=float, default=d["photons"], help="Poisson I0 (7e4)")
+    p.add_argument("--photons", type=float_above(0.0, strict=True), default=d["photons"],
+                   help="Poisson I0 (7e4)")
     for key, value in m.items():
         p.add_argument("--" + key.replace("_", "-"), type=int, default=value)
     p.add_argument("--epochs", type=int, default=7)
