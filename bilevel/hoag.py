@@ -116,6 +116,19 @@ class HOAG(OuterLoop):
     point), ``tol`` (``ε_k``), ``inner_tol``, ``inner_iterations, cg_iterations, seconds,
     elapsed, cost, step_size, accepted, reason`` (why a trial was rejected), ``inner_converged,
     cg_converged, theta`` (the point tried).
+
+    Examples
+    --------
+    >>> import torch                                                     # doctest: +SKIP
+    >>> from bilevel import HOAG, Bounds
+    >>> from recon.problems import TVDenoising
+    >>> from recon.losses import MSEToTarget
+    >>> from recon.data import denoising_batch
+    >>> batch = denoising_batch(n=4, size=32, sigma=0.1, dtype=torch.float64)
+    >>> theta0 = {"log_weight": torch.tensor(-4.0, dtype=torch.float64),
+    ...           "log_smoothing": torch.tensor(-4.0, dtype=torch.float64)}
+    >>> res = HOAG(TVDenoising(), MSEToTarget(), max_iter=50, bounds=Bounds(lower={"log_smoothing": -12.0})).run(theta0, batch)
+    >>> res.success, res.message, res.history.column("upper_loss")[-1]
     """
 
     name = "HOAG"

@@ -70,6 +70,13 @@ class ImplicitCG(HypergradientEstimator):
         double backward on a gradient graph built once), ``"autograd"`` or ``"closed"``.
 
     Non-positive curvature met by CG raises :class:`bilevel.linalg.NonPositiveCurvatureError`.
+
+    Examples
+    --------
+    >>> from bilevel import ImplicitCG, solve_inner                     # doctest: +SKIP
+    >>> sol = solve_inner(inner, theta, batch, tol=1e-10)
+    >>> hg = ImplicitCG()(inner, outer, theta, batch, sol.x, tol=1e-10)
+    >>> hg.loss, hg.theta_grad, hg.cg_iterations, hg.cg_converged
     """
 
     def __init__(self, max_iter: int = 200, rtol: float = 0.0, warm_start: bool = True,

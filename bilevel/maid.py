@@ -167,6 +167,19 @@ class MAID(OuterLoop):
     ``line_search_cost``, ``tightenings`` and ``mu``. Record ``k`` describes ``θ_k``;
     ``inner_iterations``/``cg_iterations`` count the work since the previous record, ``cost``
     is cumulative at the end of the iteration (line search included).
+
+    Examples
+    --------
+    >>> import torch                                                     # doctest: +SKIP
+    >>> from bilevel import MAID, Bounds
+    >>> from recon.problems import TVDenoising
+    >>> from recon.losses import MSEToTarget
+    >>> from recon.data import denoising_batch
+    >>> batch = denoising_batch(n=4, size=32, sigma=0.1, dtype=torch.float64)
+    >>> theta0 = {"log_weight": torch.tensor(-4.0, dtype=torch.float64),
+    ...           "log_smoothing": torch.tensor(-4.0, dtype=torch.float64)}
+    >>> res = MAID(TVDenoising(), MSEToTarget(), max_iter=50, bounds=Bounds(lower={"log_smoothing": -12.0})).run(theta0, batch)
+    >>> res.success, res.message, res.history.column("upper_loss")[-1]
     """
 
     name = "MAID"

@@ -171,6 +171,16 @@ class MinibatchBilevel:
     callback: ``callback(record, theta)`` after every step; returning ``True`` stops.
     progress: tqdm progress bar (rank 0).
     checkpoint, checkpoint_every: checkpoint path and period in steps.
+
+    Examples
+    --------
+    >>> from bilevel import MinibatchBilevel                             # doctest: +SKIP
+    >>> from recon.data import denoising_batch
+    >>> train = denoising_batch(n=256, size=32, sigma=0.1, dtype=torch.float64)   # dict of tensors
+    >>> val = denoising_batch(n=32, size=32, sigma=0.1, seed=7, dtype=torch.float64)
+    >>> loop = MinibatchBilevel(TVDenoising(), MSEToTarget(), batch_size=32, epochs=3)
+    >>> res = loop.run(theta0, train, val=val)
+    >>> res.best_theta, res.success, res.message
     """
 
     name = "MinibatchBilevel"
