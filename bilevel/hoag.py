@@ -45,10 +45,8 @@ from typing import Any, Callable, Dict, Optional, Union
 import torch
 from torch import Tensor
 
-from . import distributed as dist_
 from .history import tolerance_schedule
 from .hypergrad import ImplicitCG
-from .linalg import NonPositiveCurvatureError, batch_norm
 from .outer import LoopState, OuterLoop
 from .problem import (Bounds, HypergradientEstimator, InnerProblem, OuterLoss, Theta,
                       check_tolerance, project, theta_axpy, theta_distance, theta_dot,
@@ -186,10 +184,7 @@ class HOAG(OuterLoop):
         return max(self._eps_floor(dtype), 1e-2 * self.gtol)
 
     def _start(self, theta: Theta, batch: Any, x0: Optional[Tensor]) -> HOAGState:
-        x_init = self.inner.init(theta, batch)
-        ref = dist_.all_reduce(float(batch_norm(self.inner.grad(x_init, theta, batch)).max()), "max")
-        if not (math.isfinite(ref) and ref > 0):  # x⁰ is already optimal: scale by ‖x⁰‖ instead
-            ref = dist_.all_reduce(float(batch_norm(x_init).max()), "max") or 1.0
+        ref = self._inner_reference(theta, batch)
         return HOAGState(theta=theta, x=None if x0 is None else x0.detach().clone(),
                          inner_ref=ref, step=self.step_size)
 

@@ -63,7 +63,7 @@ import time
 import warnings
 from dataclasses import dataclass, field, fields
 from types import SimpleNamespace
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 from torch import Tensor

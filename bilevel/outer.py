@@ -24,7 +24,7 @@ from torch import Tensor
 
 from . import distributed as dist_
 from .history import History, Result, check_writable
-from .linalg import NonPositiveCurvatureError
+from .linalg import NonPositiveCurvatureError, batch_norm
 from .problem import (Bounds, HypergradientEstimator, InnerProblem, OuterLoss, Theta, check_theta,
                       project, validate_inner)
 from .solvers import SolveResult, solve_inner
@@ -235,6 +235,15 @@ class OuterLoop:
         x = self.inner.init(theta, batch) if x0 is None else x0
         validate_inner(self.inner, theta, batch, x)
         return theta
+
+    def _inner_reference(self, theta: Theta, batch: Any) -> float:
+        """The scale ``R = max_b‖∇ₓΦ_b(x⁰; θ₀)‖`` of the relative inner accuracies (``max_b‖x⁰_b‖``
+        when ``x⁰`` is already optimal, ``1`` when both vanish), over all ranks."""
+        x_init = self.inner.init(theta, batch)
+        ref = dist_.all_reduce(float(batch_norm(self.inner.grad(x_init, theta, batch)).max()), "max")
+        if not (math.isfinite(ref) and ref > 0):
+            ref = dist_.all_reduce(float(batch_norm(x_init).max()), "max") or 1.0
+        return ref
 
     def _checkpoint_path(self) -> str:
         """``checkpoint``, or ``<checkpoint>.rank<r>`` in a data-parallel run (one per rank)."""

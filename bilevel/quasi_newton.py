@@ -72,12 +72,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import distributed as dist_
 from .hypergrad import ImplicitCG
-from .linalg import NonPositiveCurvatureError, batch_norm
 from .outer import LoopState, OuterLoop
 from .problem import (Bounds, HypergradientEstimator, InnerProblem, OuterLoss, Theta,
-                      check_tolerance, project, theta_floats)
+                      check_tolerance, theta_floats)
 
 __all__ = ["QuasiNewton", "QuasiNewtonState"]
 
@@ -250,10 +248,7 @@ class QuasiNewton(OuterLoop):
         return max(self._floor(st), 1e-2 * self.gtol)
 
     def _start(self, theta: Theta, batch: Any, x0: Optional[Tensor]) -> QuasiNewtonState:
-        x_init = self.inner.init(theta, batch)
-        ref = dist_.all_reduce(float(batch_norm(self.inner.grad(x_init, theta, batch)).max()), "max")
-        if not (math.isfinite(ref) and ref > 0):  # x⁰ is already optimal: scale by ‖x⁰‖ instead
-            ref = dist_.all_reduce(float(batch_norm(x_init).max()), "max") or 1.0
+        ref = self._inner_reference(theta, batch)
         return QuasiNewtonState(theta=theta, x=None if x0 is None else x0.detach().clone(),
                                 inner_ref=ref, eps=self.tol0)
 
