@@ -26,7 +26,7 @@ from . import distributed as dist_
 from .history import History, Result, check_writable
 from .linalg import NonPositiveCurvatureError, batch_norm
 from .problem import (Bounds, HypergradientEstimator, InnerProblem, OuterLoss, Theta, check_theta,
-                      project, validate_inner)
+                      project, theta_floats, validate_inner)
 from .solvers import SolveResult, solve_inner
 
 __all__ = ["LoopState", "OuterLoop", "batch_fingerprint"]
@@ -135,6 +135,16 @@ class OuterLoop:
         if param_optimizer is not None and not isinstance(param_optimizer, torch.optim.Optimizer):
             raise TypeError(f"param_optimizer must be a torch.optim.Optimizer, got "
                             f"{type(param_optimizer).__name__}")
+        if param_optimizer is not None:
+            own = {id(p) for p in (outer.trainable_parameters().values()
+                                   if hasattr(outer, "trainable_parameters") else ())}
+            foreign = sum(1 for g in param_optimizer.param_groups for p in g["params"]
+                          if id(p) not in own)
+            if foreign:
+                raise ValueError(f"param_optimizer holds {foreign} parameter(s) that are not among "
+                                 f"outer.trainable_parameters() ({len(own)} there): they would "
+                                 f"never get a gradient; build it over "
+                                 f"outer.trainable_parameters().values()")
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
         if checkpoint is not None:
@@ -231,7 +241,13 @@ class OuterLoop:
             raise ValueError("theta0 is empty: give at least one named hyperparameter")
         if self.bounds is not None:
             self.bounds.check_names(theta)
-        theta = project(theta, self.bounds)
+        projected = project(theta, self.bounds)
+        moved = [k for k in theta if not torch.equal(projected[k], theta[k].detach())]
+        if moved:
+            warnings.warn(f"theta0 lies outside the bounds in {moved}; starting from its "
+                          f"projection {theta_floats({k: projected[k] for k in moved})}",
+                          RuntimeWarning)
+        theta = projected
         x = self.inner.init(theta, batch) if x0 is None else x0
         validate_inner(self.inner, theta, batch, x)
         return theta

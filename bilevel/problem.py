@@ -140,6 +140,8 @@ class Bounds:
             if not isinstance(values, Mapping):
                 raise TypeError(f"Bounds.{side} must be a dict name -> float, got {type(values).__name__}")
             for k, v in values.items():
+                if isinstance(v, (str, bytes, bool)):
+                    raise TypeError(f"Bounds.{side}[{k!r}] must be a real number, got {v!r}")
                 try:
                     fv = float(v)
                 except (TypeError, ValueError):

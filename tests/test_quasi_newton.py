@@ -243,3 +243,23 @@ def test_result_save_converts_numpy_and_paths_and_refuses_the_rest(tmp_path):
     with pytest.raises(TypeError, match=r"state\['bad'\]"):
         r.save(str(tmp_path / "s.pt"))
     assert not (tmp_path / "s.pt").exists()
+
+
+def test_bounds_refuse_strings():
+    with pytest.raises(TypeError, match=r"Bounds.lower\['lam'\]"):
+        Bounds(lower={"lam": "3"})
+
+
+@pytest.mark.parametrize("loop", [QuasiNewton, HOAG])
+def test_theta0_outside_the_bounds_warns_and_is_projected(loop):
+    batch = ridge_problem(40, seed=1)
+    with pytest.warns(RuntimeWarning, match="outside the bounds"):
+        res = loop(RidgeInner(), RidgeOuter(), max_iter=2, bounds=Bounds(lower={"lam": 1.0})).run(
+            {"lam": torch.tensor(-3.0, dtype=DT)}, batch)
+    assert res.history[0]["theta"]["lam"] == 1.0
+
+
+def test_a_param_optimizer_over_foreign_parameters_is_refused():
+    stray = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="param_optimizer holds 1 parameter"):
+        QuasiNewton(RidgeInner(), RidgeOuter(), param_optimizer=torch.optim.SGD([stray], lr=0.1))
