@@ -209,6 +209,17 @@ def _prepare_out_dir(out_dir: str | Path | None) -> Path | None:
     return out_dir
 
 
+def _counted_step(net, optimizer, scheduler, train_data, idx, device, config, result,
+                  epoch_losses, running):
+    """One optimisation step on the samples ``idx``, the schedule stepped and counted; returns
+    the running loss ``0.9·running + 0.1·loss``."""
+    loss = _train_step(net, optimizer, train_data, idx, device, config)
+    scheduler.step()
+    result.step += 1
+    epoch_losses.append(loss)
+    return loss if running is None else 0.9 * running + 0.1 * loss
+
+
 def fit(model: nn.Module, train_data: TensorData, val_data: TensorData | None = None,
         config: TrainConfig | None = None, out_dir: str | Path | None = None, *,
         resume: bool = False, max_steps: int | None = None,
@@ -281,11 +292,8 @@ def fit(model: nn.Module, train_data: TensorData, val_data: TensorData | None = 
         order = _epoch_order(n, config.seed, epoch)
         for b in range(offset, steps_per_epoch):
             idx = order[b * config.batch_size:(b + 1) * config.batch_size]
-            loss = _train_step(net, optimizer, train_data, idx, device, config)
-            scheduler.step()
-            result.step += 1
-            epoch_losses.append(loss)
-            running = loss if running is None else 0.9 * running + 0.1 * loss
+            running = _counted_step(net, optimizer, scheduler, train_data, idx, device, config,
+                                    result, epoch_losses, running)
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{running:.3e}")
             if config.save_every and result.step % config.save_every == 0:
