@@ -209,6 +209,15 @@ def _prepare_out_dir(out_dir: str | Path | None) -> Path | None:
     return out_dir
 
 
+def _layout(model: nn.Module, train_data: TensorData, config: TrainConfig):
+    """``(device, N, steps per epoch, total steps)``; the model is moved to the device."""
+    device = torch.device(config.device)
+    model.to(device)
+    n = len(train_data["sinogram"])
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    return device, n, steps_per_epoch, config.epochs * steps_per_epoch
+
+
 def _counted_step(net, optimizer, scheduler, train_data, idx, device, config, result,
                   epoch_losses, running):
     """One optimisation step on the samples ``idx``, the schedule stepped and counted; returns
@@ -249,11 +258,7 @@ def fit(model: nn.Module, train_data: TensorData, val_data: TensorData | None = 
     config = config or TrainConfig()
     _check_fit_inputs(config, train_data, val_data, max_steps)
     out_dir = _prepare_out_dir(out_dir)
-    device = torch.device(config.device)
-    model.to(device)
-    n = len(train_data["sinogram"])
-    steps_per_epoch = math.ceil(n / config.batch_size)
-    total_steps = config.epochs * steps_per_epoch
+    device, n, steps_per_epoch, total_steps = _layout(model, train_data, config)
     optimizer, scheduler, result, epoch_losses, meta = _start_training(
         model, config, total_steps, out_dir, resume, metadata)
     net = parallel.wrap_model(model, device)  # DDP under torchrun, else the model itself
@@ -264,9 +269,8 @@ def fit(model: nn.Module, train_data: TensorData, val_data: TensorData | None = 
                                            config, meta, epoch_losses), result.last_path)
 
     stop = total_steps if max_steps is None else min(total_steps, max_steps)
-    bar = tqdm(total=stop, initial=result.step, unit="step",
-               disable=not (config.progress and parallel.is_main()),
-               dynamic_ncols=True, desc="train")
+    bar = tqdm(total=stop, initial=result.step, unit="step", desc="train", dynamic_ncols=True,
+               disable=not (config.progress and parallel.is_main()))
     model.train()
     running, epoch_start = None, time.perf_counter()
 
