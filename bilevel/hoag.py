@@ -46,8 +46,7 @@ import torch
 from torch import Tensor
 
 from .history import tolerance_schedule
-from .hypergrad import ImplicitCG
-from .outer import LoopState, OuterLoop
+from .outer import UNCONFIRMED, LoopState, OuterLoop, implicit_estimator
 from .problem import (Bounds, HypergradientEstimator, InnerProblem, OuterLoss, Theta,
                       check_tolerance, project, theta_axpy, theta_distance, theta_dot,
                       theta_floats, theta_norm, theta_sub)
@@ -144,10 +143,7 @@ class HOAG(OuterLoop):
                  param_optimizer: Optional[torch.optim.Optimizer] = None,
                  callback: Optional[Callable] = None, progress: bool = False,
                  checkpoint: Optional[str] = None):
-        estimator = estimator if estimator is not None else ImplicitCG()
-        if not isinstance(estimator, HypergradientEstimator):
-            raise TypeError(f"estimator must be a HypergradientEstimator, got {type(estimator).__name__}")
-        super().__init__(inner, outer, estimator, max_iter=max_iter, bounds=bounds,
+        super().__init__(inner, outer, implicit_estimator(estimator), max_iter=max_iter, bounds=bounds,
                          inner_method=inner_method, inner_max_iter=inner_max_iter,
                          param_optimizer=param_optimizer, callback=callback, progress=progress,
                          checkpoint=checkpoint)
@@ -367,9 +363,7 @@ class HOAG(OuterLoop):
         target = self._confirm_eps(dtype)
         if st.grad_eps <= target * (1 + 1e-12):
             if not st.grad_ok:
-                st.message = ("cannot confirm stationarity: the inner solve or CG did not reach "
-                              "the confirmation accuracy (raise inner_max_iter / the estimator's "
-                              "max_iter)")
+                st.message = UNCONFIRMED
                 return False
             return True
         st.eps_cap = target

@@ -29,7 +29,22 @@ from .problem import (Bounds, HypergradientEstimator, InnerProblem, OuterLoss, T
                       project, theta_floats, validate_inner)
 from .solvers import SolveResult, solve_inner
 
-__all__ = ["LoopState", "OuterLoop", "batch_fingerprint"]
+__all__ = ["LoopState", "OuterLoop", "batch_fingerprint", "implicit_estimator", "UNCONFIRMED"]
+
+#: why a stop could not be claimed although the gradient test passed
+UNCONFIRMED = ("cannot confirm stationarity: the inner solve or CG did not reach the confirmation "
+               "accuracy (raise inner_max_iter / the estimator's max_iter)")
+
+
+def implicit_estimator(estimator: Optional[HypergradientEstimator]) -> HypergradientEstimator:
+    """``estimator``, or a new :class:`~bilevel.ImplicitCG` when ``None``; ``TypeError`` for
+    anything that is not a :class:`~bilevel.HypergradientEstimator`."""
+    from .hypergrad import ImplicitCG
+
+    estimator = estimator if estimator is not None else ImplicitCG()
+    if not isinstance(estimator, HypergradientEstimator):
+        raise TypeError(f"estimator must be a HypergradientEstimator, got {type(estimator).__name__}")
+    return estimator
 
 
 @dataclass

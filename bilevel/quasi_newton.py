@@ -72,8 +72,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .hypergrad import ImplicitCG
-from .outer import LoopState, OuterLoop
+from .outer import UNCONFIRMED, LoopState, OuterLoop, implicit_estimator
 from .problem import (Bounds, HypergradientEstimator, InnerProblem, OuterLoss, Theta,
                       check_tolerance, theta_floats)
 
@@ -214,10 +213,7 @@ class QuasiNewton(OuterLoop):
                  param_optimizer: Optional[torch.optim.Optimizer] = None,
                  callback: Optional[Callable] = None, progress: bool = False,
                  checkpoint: Optional[str] = None):
-        estimator = estimator if estimator is not None else ImplicitCG()
-        if not isinstance(estimator, HypergradientEstimator):
-            raise TypeError(f"estimator must be a HypergradientEstimator, got {type(estimator).__name__}")
-        super().__init__(inner, outer, estimator, max_iter=max_iter, bounds=bounds,
+        super().__init__(inner, outer, implicit_estimator(estimator), max_iter=max_iter, bounds=bounds,
                          inner_method=inner_method, inner_max_iter=inner_max_iter,
                          param_optimizer=param_optimizer, callback=callback, progress=progress,
                          checkpoint=checkpoint)
@@ -473,9 +469,7 @@ class QuasiNewton(OuterLoop):
         confirm = self._confirm_eps(st)
         if st.grad_eps > confirm * (1 + 1e-12) or not (st.inner_ok and st.cg_ok):
             if st.grad_eps <= confirm * (1 + 1e-12):  # already at that accuracy, not converged
-                st.message = ("cannot confirm stationarity: the inner solve or CG did not reach "
-                              "the confirmation accuracy (raise inner_max_iter / the estimator's "
-                              "max_iter)")
+                st.message = UNCONFIRMED
                 return
             st.eps, st.grad, st.direction = confirm, None, None  # re-evaluate θ_k there
             return
