@@ -373,6 +373,12 @@ class QuasiNewton(OuterLoop):
         """Shorten the step (safeguarded quadratic interpolation); when the step is below
         ``xtol``: tighten the accuracy, clear the memory, or end the run."""
         st.ls_reasons.append(reason)
+        if (reason == "insufficient decrease" and len(st.ls_reasons) >= 2
+                and st.eps < 0.5 * st.grad_eps):
+            # trials at a tighter accuracy than θ_k's values keep failing: ℓ_k may be
+            # underestimated; re-evaluate θ_k at the trials' accuracy before shortening further
+            st.grad, st.direction, st.ls_reasons = None, None, []
+            return
         shrink = 0.5
         slope = float(flat.vec(st.grad) @ step)
         if reason == "insufficient decrease" and math.isfinite(f_trial) and slope < 0:
