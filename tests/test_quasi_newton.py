@@ -170,7 +170,7 @@ def test_two_loop_recursion_inverts_a_quadratic():
 @pytest.mark.parametrize("kw,match", [({"tol0": 1.0}, "tol0"), ({"tol0": 0.0}, "tol0"),
                                       ({"memory": 0}, "memory"), ({"c1": 1.5}, "c1"),
                                       ({"gtol": 2.0}, "gtol"), ({"max_move": -1.0}, "max_move"),
-                                      ({"tol_rate": 1.0}, "tol_rate")])
+                                      ({"tol_rate": 1.0}, "tol_rate"), ({"tol_power": 0.5}, "tol_power")])
 def test_bad_arguments_name_themselves(kw, match):
     with pytest.raises((ValueError, TypeError), match=match):
         QuasiNewton(RidgeInner(), RidgeOuter(), **kw)
