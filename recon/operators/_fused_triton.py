@@ -1,0 +1,140 @@
+r"""Triton kernels of the ``fused`` projector (imported only when they are used).
+
+Both kernels run one program per ``(detector block, angle, batch block)`` and march the
+``BLOCK_D`` rays of the tile through the steps ``s`` of their common range (the union of
+the rays' ``[lo, hi)``, precomputed per block on the host); at each step they evaluate
+``c = c0 + s c1``, ``i = floor(c)``, ``f = c - i`` once per ray and use them for all
+``BLOCK_B`` slices of the batch block:
+
+* :func:`_project`: ``out[b, r] = L_r * sum_s ((1 - f) src[b, i, s] + f src[b, i + 1, s])``
+  (gather);
+* :func:`_backproject`: ``dst[b, i, s] += L_r (1 - f) y[b, r]``, ``dst[b, i + 1, s] +=
+  L_r f y[b, r]`` (``atomic_add``), the same pairs of index and weight read backwards.
+
+``src``/``dst`` are two-layer buffers ``(N, 2 H W)`` (image, then its transpose) as in
+:mod:`._fused_backend`; column-stepping rays use the transposed layer, so the rays of one
+angle read and write neighbouring addresses. The raw functions are decorated by
+:func:`kernels` on first use, which also honours ``TRITON_INTERPRET=1`` set at that time
+(the kernels call only ``triton.language`` builtins, no ``@triton.jit`` library function,
+so they also run in the interpreter when ``triton.language`` was imported without it).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_CACHE: dict = {}
+
+
+def _project(src, out, c0_ptr, c1_ptr, len_ptr, col_ptr, blo_ptr, bhi_ptr, N, n_det, H, W,
+             BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_d, angle, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    det = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = det < n_det
+    ray = angle * n_det + det
+    c0 = tl.load(c0_ptr + ray, mask=dmask, other=0.0)
+    c1 = tl.load(c1_ptr + ray, mask=dmask, other=0.0)
+    length = tl.load(len_ptr + ray, mask=dmask, other=0.0)
+    col = tl.load(col_ptr + ray, mask=dmask, other=0)
+    n_steps = tl.where(col != 0, W, H)
+    n_interp = tl.where(col != 0, H, W)
+    b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    bmask = b < N
+    row_base = b.to(tl.int64)[:, None] * (2 * H * W) + (col * (H * W)).to(tl.int64)[None, :]
+    acc = tl.full((BLOCK_B, BLOCK_D), 0.0, dtype=c0.dtype)
+    s_lo = tl.load(blo_ptr + angle * tl.num_programs(0) + pid_d)
+    s_hi = tl.load(bhi_ptr + angle * tl.num_programs(0) + pid_d)
+    for s in range(s_lo, s_hi):
+        coord = c0 + s * c1
+        base = tl.floor(coord)
+        f = coord - base
+        i0 = base.to(tl.int32)
+        live = dmask & (s < n_steps)
+        m0 = live & (i0 >= 0) & (i0 < n_interp)
+        m1 = live & (i0 >= -1) & (i0 + 1 < n_interp)
+        addr = row_base + (s * n_interp + i0)[None, :]
+        v0 = tl.load(src + addr, mask=bmask[:, None] & m0[None, :], other=0.0)
+        v1 = tl.load(src + addr + 1, mask=bmask[:, None] & m1[None, :], other=0.0)
+        acc += (1.0 - f)[None, :] * v0 + f[None, :] * v1
+    acc = acc * length[None, :]
+    out_addr = b.to(tl.int64)[:, None] * (n_det * tl.num_programs(1)) + ray[None, :]
+    tl.store(out + out_addr, acc, mask=bmask[:, None] & dmask[None, :])
+
+
+def _backproject(y, dst, c0_ptr, c1_ptr, len_ptr, col_ptr, blo_ptr, bhi_ptr, N, n_det, H, W,
+                 BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_d, angle, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    det = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = det < n_det
+    ray = angle * n_det + det
+    c0 = tl.load(c0_ptr + ray, mask=dmask, other=0.0)
+    c1 = tl.load(c1_ptr + ray, mask=dmask, other=0.0)
+    length = tl.load(len_ptr + ray, mask=dmask, other=0.0)
+    col = tl.load(col_ptr + ray, mask=dmask, other=0)
+    n_steps = tl.where(col != 0, W, H)
+    n_interp = tl.where(col != 0, H, W)
+    b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    bmask = b < N
+    tile = bmask[:, None] & dmask[None, :]
+    y_addr = b.to(tl.int64)[:, None] * (n_det * tl.num_programs(1)) + ray[None, :]
+    g = tl.load(y + y_addr, mask=tile, other=0.0) * length[None, :]
+    row_base = b.to(tl.int64)[:, None] * (2 * H * W) + (col * (H * W)).to(tl.int64)[None, :]
+    s_lo = tl.load(blo_ptr + angle * tl.num_programs(0) + pid_d)
+    s_hi = tl.load(bhi_ptr + angle * tl.num_programs(0) + pid_d)
+    for s in range(s_lo, s_hi):
+        coord = c0 + s * c1
+        base = tl.floor(coord)
+        f = coord - base
+        i0 = base.to(tl.int32)
+        live = dmask & (s < n_steps)
+        m0 = live & (i0 >= 0) & (i0 < n_interp)
+        m1 = live & (i0 >= -1) & (i0 + 1 < n_interp)
+        addr = row_base + (s * n_interp + i0)[None, :]
+        tl.atomic_add(dst + addr, (1.0 - f)[None, :] * g, mask=bmask[:, None] & m0[None, :],
+                      sem="relaxed")
+        tl.atomic_add(dst + addr + 1, f[None, :] * g, mask=bmask[:, None] & m1[None, :],
+                      sem="relaxed")
+
+
+def kernels() -> tuple:
+    """``(project, backproject)`` as Triton kernels (interpreted under ``TRITON_INTERPRET=1``)."""
+    key = os.environ.get("TRITON_INTERPRET", "0")
+    if key not in _CACHE:
+        _CACHE[key] = (triton.jit(_project), triton.jit(_backproject))
+    return _CACHE[key]
+
+
+def _grid(n_det: int, n_angles: int, n: int, block_b: int, block_d: int) -> tuple:
+    return (triton.cdiv(n_det, block_d), n_angles, triton.cdiv(n, block_b))
+
+
+def _blocks(n: int, block_d: int) -> tuple[int, int]:
+    """``(BLOCK_B, BLOCK_D)``: up to 8 slices per program (powers of two)."""
+    return min(8, triton.next_power_of_2(max(1, n))), block_d
+
+
+def project(src: torch.Tensor, tables: tuple, shape, n_angles: int, n_det: int,
+            block_d: int = 64) -> torch.Tensor:
+    """``(N, 2 H W)`` two-layer images -> ``(N, n_angles, n_det)`` sinograms."""
+    n = src.shape[0]
+    H, W = shape
+    out = src.new_empty((n, n_angles, n_det))
+    bb, bd = _blocks(n, block_d)
+    kernels()[0][_grid(n_det, n_angles, n, bb, bd)](
+        src, out, *tables, n, n_det, H, W, BLOCK_B=bb, BLOCK_D=bd)
+    return out
+
+
+def backproject(y: torch.Tensor, tables: tuple, shape, block_d: int = 64) -> torch.Tensor:
+    """``(N, n_angles, n_det)`` sinograms -> ``(N, 2 H W)`` two-layer back projections."""
+    n, n_angles, n_det = y.shape
+    H, W = shape
+    dst = y.new_zeros((n, 2 * H * W))
+    bb, bd = _blocks(n, block_d)
+    kernels()[1][_grid(n_det, n_angles, n, bb, bd)](
+        y, dst, *tables, n, n_det, H, W, BLOCK_B=bb, BLOCK_D=bd)
+    return dst
