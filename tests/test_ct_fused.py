@@ -169,3 +169,16 @@ def test_cuda_kernels_match_sparse_matrix(batch):
     assert _rel(A.T(y.float().cuda()).cpu(), S.T(y)) < 1e-5
     torch.testing.assert_close(A(x.cuda()).cpu(), S(x), rtol=1e-11, atol=1e-11)
     assert adjointness_test(A, device="cuda", dtype=torch.float32) < 1e-6
+
+
+def test_float32_agreement_at_128_squared():
+    """Sample positions in float64: float32 results as close to the matrix as its own rounding."""
+    geom = ParallelBeamGeometry((128, 128), 60)
+    S, A = RayTransform(geom), RayTransform(geom, method="fused", kernel="torch")
+    x, y = _pair(geom, torch.Generator().manual_seed(6), batch=2)
+    x, y = x.abs(), y.abs()
+    exact_fwd, exact_adj = S(x), S.T(y)
+    fused_err = max(_rel(A(x.float()), exact_fwd), _rel(A.T(y.float()), exact_adj))
+    sparse_err = max(_rel(S(x.float()), exact_fwd), _rel(S.T(y.float()), exact_adj))
+    assert fused_err < 1e-6 and fused_err < 2 * sparse_err
+    assert _rel(A(x.float()), S(x.float())) < 1e-5 and _rel(A.T(y.float()), S.T(y.float())) < 1e-5

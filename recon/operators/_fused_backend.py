@@ -20,8 +20,10 @@ of the interpolated axis (the row index for a column-stepping ray), an affine fu
 
 (indices outside the image count as zero), which is exactly ``sum_p A[r, p] x[p]`` of the
 sparse matrix: the branch, ``c^0``, ``c^1`` and ``L`` are computed once per ray in float64
-from the geometry, so both paths choose the same pixels; only the floating-point rounding of
-``c_r(s)`` in the working dtype differs (≈ ``s * eps`` pixels). The adjoint scatters
+from the geometry, and ``c_r(s)`` is evaluated in float64 too (whatever the data's dtype; only
+``f`` and the products are in the data's dtype), so both paths choose the same pixels with
+weights that differ only by float64 rounding; in float32 the results differ from the
+sparse matrix's by its own float32 rounding. The adjoint scatters
 ``L_r (1 - f) y_r`` and ``L_r f y_r`` to the same two pixels: the same index/weight pairs read
 backwards, so ``<A x, y> = <x, A^T y>`` holds to rounding.
 
@@ -131,14 +133,14 @@ def _reference_samples(tab: dict, geometry: Geometry, sl: slice, dtype):
     Returns ``index, weight``, each ``(n_a, n_det, S, 2)``.
     """
     H, W = geometry.image_shape
-    c0, c1 = tab["c0"][sl].to(dtype), tab["c1"][sl].to(dtype)
+    c0, c1 = tab["c0"][sl], tab["c1"][sl]  # float64
     col = tab["column"][sl].bool()
     device = c0.device
     S = max(H, W)
     s = torch.arange(S, device=device)
-    coord = c0[..., None] + s.to(dtype) * c1[..., None]
+    coord = c0[..., None] + s.to(c0.dtype) * c1[..., None]
     base = torch.floor(coord)
-    f = coord - base
+    f = (coord - base).to(dtype)
     i0 = base.long()
     n_steps = torch.where(col, W, H)[..., None]
     n_interp = torch.where(col, H, W)[..., None]
@@ -246,12 +248,14 @@ class FusedProjector:
         return (not on_cpu or _interpreting()) and triton_available()
 
     def tables(self, dtype: torch.dtype, device) -> dict:
-        """The ray tables on ``device``, coefficients in ``dtype`` (cached per dtype/device)."""
+        """The ray tables on ``device`` (cached per dtype/device): ``c0``, ``c1`` in float64
+        (the sample positions are computed in float64 whatever the data's dtype), ``length``
+        in ``dtype``."""
         key = (dtype, str(device))
         if key not in self._device_tables:
-            self._device_tables[key] = {
-                k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
-                for k, v in self._tables.items()}
+            tab = {k: v.to(device) for k, v in self._tables.items()}
+            tab["length"] = tab["length"].to(dtype)
+            self._device_tables[key] = tab
         return self._device_tables[key]
 
     def _kernel_args(self, t: torch.Tensor) -> tuple:

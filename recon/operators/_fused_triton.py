@@ -3,8 +3,8 @@ r"""Triton kernels of the ``fused`` projector (imported only when they are used)
 Both kernels run one program per ``(detector block, angle, batch block)`` and march the
 ``BLOCK_D`` rays of the tile through the steps ``s`` of their common range (the union of
 the rays' ``[lo, hi)``, precomputed per block on the host); at each step they evaluate
-``c = c0 + s c1``, ``i = floor(c)``, ``f = c - i`` once per ray and use them for all
-``BLOCK_B`` slices of the batch block:
+``c = c0 + s c1`` (in float64, whatever the data's dtype), ``i = floor(c)``, ``f = c - i``
+once per ray and use them for all ``BLOCK_B`` slices of the batch block:
 
 * :func:`_project`: ``out[b, r] = L_r * sum_s ((1 - f) src[b, i, s] + f src[b, i + 1, s])``
   (gather);
@@ -45,13 +45,13 @@ def _project(src, out, c0_ptr, c1_ptr, len_ptr, col_ptr, blo_ptr, bhi_ptr, N, n_
     b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     bmask = b < N
     row_base = b.to(tl.int64)[:, None] * (2 * H * W) + (col * (H * W)).to(tl.int64)[None, :]
-    acc = tl.full((BLOCK_B, BLOCK_D), 0.0, dtype=c0.dtype)
+    acc = tl.full((BLOCK_B, BLOCK_D), 0.0, dtype=length.dtype)
     s_lo = tl.load(blo_ptr + angle * tl.num_programs(0) + pid_d)
     s_hi = tl.load(bhi_ptr + angle * tl.num_programs(0) + pid_d)
     for s in range(s_lo, s_hi):
-        coord = c0 + s * c1
+        coord = c0 + s * c1  # float64: the same pixels as the float64-built matrix
         base = tl.floor(coord)
-        f = coord - base
+        f = (coord - base).to(length.dtype)
         i0 = base.to(tl.int32)
         live = dmask & (s < n_steps)
         m0 = live & (i0 >= 0) & (i0 < n_interp)
@@ -86,9 +86,9 @@ def _backproject(y, dst, c0_ptr, c1_ptr, len_ptr, col_ptr, blo_ptr, bhi_ptr, N, 
     s_lo = tl.load(blo_ptr + angle * tl.num_programs(0) + pid_d)
     s_hi = tl.load(bhi_ptr + angle * tl.num_programs(0) + pid_d)
     for s in range(s_lo, s_hi):
-        coord = c0 + s * c1
+        coord = c0 + s * c1  # float64: the same pixels as the float64-built matrix
         base = tl.floor(coord)
-        f = coord - base
+        f = (coord - base).to(length.dtype)
         i0 = base.to(tl.int32)
         live = dmask & (s < n_steps)
         m0 = live & (i0 >= 0) & (i0 < n_interp)
