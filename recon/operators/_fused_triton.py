@@ -117,24 +117,50 @@ def _blocks(n: int, block_d: int) -> tuple[int, int]:
     return min(8, triton.next_power_of_2(max(1, n))), block_d
 
 
-def project(src: torch.Tensor, tables: tuple, shape, n_angles: int, n_det: int,
-            block_d: int = 64) -> torch.Tensor:
-    """``(N, 2 H W)`` two-layer images -> ``(N, n_angles, n_det)`` sinograms."""
+# The launches are custom operators, so torch.compile sees each as one opaque op (with the
+# output shape from the fake implementation) instead of tracing into Triton's launcher.
+@torch.library.custom_op("recon::fused_joseph_project", mutates_args=())
+def project_op(src: torch.Tensor, c0: torch.Tensor, c1: torch.Tensor, length: torch.Tensor,
+               column: torch.Tensor, blo: torch.Tensor, bhi: torch.Tensor, H: int, W: int,
+               n_angles: int, n_det: int, block_d: int) -> torch.Tensor:
+    """``(N, 2 H W)`` two-layer images -> ``(N, n_angles, n_det)`` sinograms (forward kernel)."""
     n = src.shape[0]
-    H, W = shape
     out = src.new_empty((n, n_angles, n_det))
     bb, bd = _blocks(n, block_d)
     kernels()[0][_grid(n_det, n_angles, n, bb, bd)](
-        src, out, *tables, n, n_det, H, W, BLOCK_B=bb, BLOCK_D=bd)
+        src, out, c0, c1, length, column, blo, bhi, n, n_det, H, W, BLOCK_B=bb, BLOCK_D=bd)
     return out
+
+
+@project_op.register_fake
+def _(src, c0, c1, length, column, blo, bhi, H, W, n_angles, n_det, block_d):
+    return src.new_empty((src.shape[0], n_angles, n_det))
+
+
+@torch.library.custom_op("recon::fused_joseph_backproject", mutates_args=())
+def backproject_op(y: torch.Tensor, c0: torch.Tensor, c1: torch.Tensor, length: torch.Tensor,
+                   column: torch.Tensor, blo: torch.Tensor, bhi: torch.Tensor, H: int, W: int,
+                   block_d: int) -> torch.Tensor:
+    """``(N, n_angles, n_det)`` sinograms -> ``(N, 2 H W)`` two-layer back projections."""
+    n, n_angles, n_det = y.shape
+    dst = y.new_zeros((n, 2 * H * W))
+    bb, bd = _blocks(n, block_d)
+    kernels()[1][_grid(n_det, n_angles, n, bb, bd)](
+        y, dst, c0, c1, length, column, blo, bhi, n, n_det, H, W, BLOCK_B=bb, BLOCK_D=bd)
+    return dst
+
+
+@backproject_op.register_fake
+def _(y, c0, c1, length, column, blo, bhi, H, W, block_d):
+    return y.new_empty((y.shape[0], 2 * H * W))
+
+
+def project(src: torch.Tensor, tables: tuple, shape, n_angles: int, n_det: int,
+            block_d: int = 64) -> torch.Tensor:
+    """``(N, 2 H W)`` two-layer images -> ``(N, n_angles, n_det)`` sinograms."""
+    return project_op(src, *tables, shape[0], shape[1], n_angles, n_det, block_d)
 
 
 def backproject(y: torch.Tensor, tables: tuple, shape, block_d: int = 64) -> torch.Tensor:
     """``(N, n_angles, n_det)`` sinograms -> ``(N, 2 H W)`` two-layer back projections."""
-    n, n_angles, n_det = y.shape
-    H, W = shape
-    dst = y.new_zeros((n, 2 * H * W))
-    bb, bd = _blocks(n, block_d)
-    kernels()[1][_grid(n_det, n_angles, n, bb, bd)](
-        y, dst, *tables, n, n_det, H, W, BLOCK_B=bb, BLOCK_D=bd)
-    return dst
+    return backproject_op(y.contiguous(), *tables, shape[0], shape[1], block_d)

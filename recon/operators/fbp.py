@@ -54,9 +54,13 @@ _CONSTANTS: dict = {}
 _MAX_CONSTANTS = 64
 
 
-def _constant(key: tuple, make, like: torch.Tensor) -> torch.Tensor:
-    """``torch.as_tensor(make())`` in ``like``'s dtype and device, cached under ``key``."""
-    full = key + (like.dtype, str(like.device))
+@torch.compiler.disable
+def _constant(key_fn, make, like: torch.Tensor) -> torch.Tensor:
+    """``torch.as_tensor(make())`` in ``like``'s dtype and device, cached under ``key_fn()``.
+
+    Not traced by ``torch.compile`` (the key hashes numpy arrays): a compiled caller gets the
+    cached tensor as an input."""
+    full = key_fn() + (like.dtype, str(like.device))
     hit = _CONSTANTS.get(full)
     if hit is None:
         if len(_CONSTANTS) >= _MAX_CONSTANTS:
@@ -117,7 +121,7 @@ def ramp_filter(sinogram: torch.Tensor, spacing: float, filter: str = "ram-lak",
     """
     n = sinogram.shape[-1]
     size = 1 << max(1, math.ceil(math.log2(2 * n))) if padding else n
-    resp = _constant(("ramp", size, float(spacing), filter, float(frequency_scaling)),
+    resp = _constant(lambda: ("ramp", size, float(spacing), filter, float(frequency_scaling)),
                      lambda: filter_response(size, spacing, filter, frequency_scaling), sinogram)
     spec = torch.fft.rfft(sinogram, n=size, dim=-1)
     return torch.fft.irfft(spec * resp, n=size, dim=-1)[..., :n]
@@ -158,7 +162,7 @@ def fbp(sinogram: torch.Tensor, operator, filter: str = "ram-lak", frequency_sca
                          f"{geom.range_shape[1]}) for {geom!r}")
     if sinogram.numel() == 0:
         return sinogram.new_zeros(tuple(sinogram.shape[:-2]) + tuple(geom.image_shape))
-    weights = _constant(("angle_weights", geom.cache_key()), geom.angle_weights, sinogram)
+    weights = _constant(lambda: ("angle_weights", geom.cache_key()), geom.angle_weights, sinogram)
     if isinstance(geom, ParallelBeamGeometry):
         q = ramp_filter(sinogram, geom.detector_spacing, filter, frequency_scaling, padding)
         dy, dx = geom.pixel_size
