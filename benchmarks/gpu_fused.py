@@ -157,14 +157,16 @@ def build_nets(args, method, device) -> dict:
     return nets, op
 
 
-def inference_rows(args, device, clock) -> list:
-    """ms per slice of every inference variant of every network, with the error vs fp32."""
-    rows, nets_by_method, reference = [], {}, {}
+def inference_rows(args, device, clock, compiled_rows: bool = False) -> list:
+    """ms per slice of every inference variant of every network, with the error vs fp32.
+
+    ``compiled_rows``: only the torch.compile variants (run last: they take the longest)."""
+    rows, nets_by_method, reference = [], {}, args.reference
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(args.batch, 1, args.size, args.size, generator=gen).to(device)
     for label, precision, channels_last, graph, compiled, method in VARIANTS:
         if method not in args.methods or (graph and device.type != "cuda") \
-                or (compiled and not args.compile):
+                or compiled != compiled_rows or (compiled and not args.compile):
             continue
         if method not in nets_by_method:
             nets_by_method[method] = build_nets(args, method, device)
@@ -336,9 +338,11 @@ def main(argv=None) -> int:
               .uses_triton(torch.zeros(1, device=device)) else "torch reference"}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    args.reference = {}  # fp32 outputs of the networks, for the error column
     for key, fn in (("operator", operator_rows), ("inference", inference_rows),
-                    ("training", train_rows)):
-        report[key] = fn(args, device, clock)
+                    ("training", train_rows),
+                    ("inference", lambda *a: inference_rows(*a, compiled_rows=True))):
+        report[key] = report.get(key, []) + fn(args, device, clock)
         write(report, out)  # what is done survives a kill from outside
     text = write(report, out)
     print(text)

@@ -157,6 +157,7 @@ def test_triton_kernels_in_interpreter_fan_beam(monkeypatch):
 
 
 # ------------------------------------------------------------------------- CUDA only
+@pytest.mark.gpu
 @pytest.mark.skipif(not (HAS_CUDA and triton_available()), reason="needs CUDA and triton")
 @pytest.mark.parametrize("batch", [1, 8, 11])
 def test_cuda_kernels_match_sparse_matrix(batch):

@@ -115,6 +115,7 @@ def test_bad_options_name_the_argument():
         FastTrainStep(net, opt, cuda_graph=True)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_cuda_graph_inference_and_training_match_eager():
     op = _operator(check_finite=False)
@@ -136,3 +137,22 @@ def test_cuda_graph_inference_and_training_match_eager():
         eager = FastTrainStep(twin, torch.optim.Adam(twin.parameters(), lr=1e-3, capturable=True))
         for _ in range(3):
             torch.testing.assert_close(step(y, x), eager(y, x), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_compiled_inference_and_training_match_eager_on_cpu():
+    """torch.compile through the fused operator (torch reference on the CPU): same numbers."""
+    op = _operator(check_finite=False)
+    y, x = _data(op)
+    net = _nets(op)["Sk-LSPD"].eval()
+    with torch.no_grad():
+        ref = net(y)
+    fast = FastInference(net, compile=True)
+    torch.testing.assert_close(fast(y), ref, rtol=1e-5, atol=1e-6)
+    assert fast.options.fn is not fast.options.model  # compiled, not the eager fallback
+    twin = copy.deepcopy(net).train()
+    net.train()
+    step = FastTrainStep(net, torch.optim.SGD(net.parameters(), lr=1e-2), compile=True)
+    eager = FastTrainStep(twin, torch.optim.SGD(twin.parameters(), lr=1e-2))
+    for _ in range(2):
+        torch.testing.assert_close(step(y, x), eager(y, x), rtol=1e-5, atol=1e-7)
