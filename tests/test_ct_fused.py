@@ -142,8 +142,33 @@ def test_triton_kernels_in_interpreter_match_sparse_matrix(monkeypatch):
     torch.testing.assert_close(A(x), S(x), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(A.T(y), S.T(y), rtol=1e-12, atol=1e-12)
     assert adjointness_test(A, batch=1) < 1e-13
+    A._impl.adjoint_kernel = "scatter"
+    assert _rel(A.T(y.float()), S.T(y)) < 1e-5
+    torch.testing.assert_close(A.T(y), S.T(y), rtol=1e-12, atol=1e-12)
+    A._impl.adjoint_kernel = "auto"
     sub = A.subset(1, 3)
     torch.testing.assert_close(sub(x[:2]), S.subset(1, 3)(x[:2]), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not importable")
+@pytest.mark.parametrize("seed", range(4))
+def test_triton_gather_and_scatter_adjoints_on_random_parallel_geometries(monkeypatch, seed):
+    """The gather adjoint's candidate bins never miss a ray (any spacing, offset, extent)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    rng = np.random.default_rng(seed)
+    h, w = (int(v) for v in rng.integers(5, 14, 2))
+    geom = ParallelBeamGeometry((h, w), angles=rng.uniform(0, np.pi, 5),
+                                detector_spacing=float(rng.uniform(0.3, 2.0)),
+                                n_detectors=int(rng.integers(3, 30)),
+                                detector_offset=float(rng.normal()),
+                                extent=(float(rng.uniform(0.5, 2)) * h, float(rng.uniform(0.5, 2)) * w))
+    S = RayTransform(geom, cache=False)
+    A = RayTransform(geom, method="fused", kernel="triton")
+    assert A._impl._plan is not None
+    _, y = _pair(geom, torch.Generator().manual_seed(seed), batch=2)
+    torch.testing.assert_close(A.T(y), S.T(y), rtol=1e-12, atol=1e-12)
+    A._impl.adjoint_kernel = "scatter"
+    torch.testing.assert_close(A.T(y), S.T(y), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not importable")
@@ -152,8 +177,12 @@ def test_triton_kernels_in_interpreter_fan_beam(monkeypatch):
     geom = GEOMETRIES["fan"]
     x, y = _pair(geom, torch.Generator().manual_seed(4), batch=2)
     A, S = RayTransform(geom, method="fused", kernel="triton"), RayTransform(geom)
+    assert A._impl._plan is None  # rays of one fan angle are not parallel: scatter adjoint
     torch.testing.assert_close(A(x), S(x), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(A.T(y), S.T(y), rtol=1e-12, atol=1e-12)
+    A._impl.adjoint_kernel = "gather"
+    with pytest.raises(ValueError, match="`adjoint_kernel`='gather' needs parallel rays"):
+        A.T(y)
 
 
 # ------------------------------------------------------------------------- CUDA only
@@ -170,6 +199,11 @@ def test_cuda_kernels_match_sparse_matrix(batch):
     assert _rel(A.T(y.float().cuda()).cpu(), S.T(y)) < 1e-5
     torch.testing.assert_close(A(x.cuda()).cpu(), S(x), rtol=1e-11, atol=1e-11)
     assert adjointness_test(A, device="cuda", dtype=torch.float32) < 1e-6
+    gather = A.T(y.cuda())
+    torch.testing.assert_close(gather.cpu(), S.T(y), rtol=1e-11, atol=1e-11)
+    assert torch.equal(A.T(y.cuda()), gather)  # the gather adjoint is deterministic
+    A._impl.adjoint_kernel = "scatter"
+    torch.testing.assert_close(A.T(y.cuda()).cpu(), S.T(y), rtol=1e-11, atol=1e-11)
 
 
 def test_float32_agreement_at_128_squared():

@@ -33,10 +33,13 @@ Two implementations compute this arithmetic:
     pure PyTorch, chunked over angles (gather / ``index_add_``); runs anywhere and is the
     reference the kernels are tested against.
 ``"triton"``
-    two Triton kernels, one program per (detector block, angle, batch block): the forward
-    marches the block of rays through the image and gathers, the adjoint marches the same
-    rays and scatters with ``atomic_add`` (the exact transpose of the forward's arithmetic;
-    summation order, hence the last bits of float32 results, may vary between runs). The
+    Triton kernels, one program per (detector block, angle, batch block): the forward
+    marches the block of rays through the image and gathers; the adjoint either marches the
+    same rays and scatters with ``atomic_add`` (any geometry; summation order, hence the last
+    bits of float32 results, may vary between runs), or, for parallel beam, runs one program
+    per pixel block that gathers from the few rays of each angle that can reach the pixel and
+    keeps exactly the forward's (index, weight) pairs (deterministic, no atomics). Both are
+    the exact transpose of the forward's arithmetic. The
     per-ray coefficients are computed once per tile and shared by the ``BLOCK_B`` slices of
     the batch block, so the time per slice falls with the batch. Column-stepping rays read a
     transposed copy of the image, so neighbouring rays read neighbouring addresses. Used for
@@ -206,6 +209,30 @@ def _block_ranges(lo: torch.Tensor, hi: torch.Tensor, block: int):
     return blo.contiguous(), torch.maximum(bhi, blo).contiguous()
 
 
+def gather_plan(tables: dict) -> tuple | None:
+    r"""Per-angle data of the gather adjoint, or ``None`` where it does not apply.
+
+    Applies when within every angle all rays share ``c1``, ``length`` and the stepping
+    direction and ``c0`` is affine in the bin ``k`` (parallel beam): ``c0_k = alpha + beta k``
+    (to 1e-6). Returns ``(alpha, beta, slope, column)`` (per angle; float64, float64, float64,
+    int32) and the number of candidate bins per pixel and angle, ``ceil(2 / min |beta|) + 4``
+    (``None`` above 64, where the scatter is cheaper).
+    """
+    c0, c1, length, col = (tables[k] for k in ("c0", "c1", "length", "column"))
+    n_det = c0.shape[1]
+    if n_det < 2 or any(bool((t != t[:, :1]).any()) for t in (c1, length, col)):
+        return None
+    alpha = c0[:, 0].contiguous()
+    beta = (c0[:, -1] - c0[:, 0]) / (n_det - 1)
+    fit = alpha[:, None] + beta[:, None] * torch.arange(n_det, dtype=torch.float64)
+    if bool((beta.abs() < 1e-6).any()) or float((fit - c0).abs().max()) > 1e-6:
+        return None
+    n_cand = int(math.ceil(2.0 / float(beta.abs().min()))) + 4
+    if n_cand > 64:
+        return None
+    return (alpha, beta.contiguous(), c1[:, 0].contiguous(), col[:, 0].contiguous()), n_cand
+
+
 # ---------------------------------------------------------------- projector
 class FusedProjector:
     """Matrix-free Joseph projector from per-ray tables (Triton kernels or their torch reference).
@@ -226,6 +253,10 @@ class FusedProjector:
         self.kernel = kernel
         self._tables = ray_tables(geometry) if tables is None else tables
         self._device_tables: dict = {}
+        #: Triton adjoint: ``"auto"`` (gather where :func:`gather_plan` applies, else
+        #: scatter), ``"gather"`` or ``"scatter"``.
+        self.adjoint_kernel = "auto"
+        self._plan = gather_plan(self._tables)
 
     def subset(self, i: int, m: int, geometry: Geometry) -> "FusedProjector":
         """Projector of the angles ``i, i + m, ...``: rows ``i::m`` of the ray tables."""
@@ -266,6 +297,21 @@ class FusedProjector:
             self._device_tables[key] = (lo.to(t.device), hi.to(t.device))
         return tuple(tab[k] for k in ("c0", "c1", "length", "column")) + self._device_tables[key]
 
+    def _use_gather(self) -> bool:
+        if self.adjoint_kernel not in ("auto", "gather", "scatter"):
+            raise ValueError(f"`adjoint_kernel` must be 'auto', 'gather' or 'scatter', got "
+                             f"{self.adjoint_kernel!r}")
+        if self.adjoint_kernel == "gather" and self._plan is None:
+            raise ValueError("`adjoint_kernel`='gather' needs parallel rays per angle "
+                             f"(parallel beam); {self.geometry!r} has none")
+        return self.adjoint_kernel != "scatter" and self._plan is not None
+
+    def _device_plan(self, device) -> tuple:
+        key = ("plan", str(device))
+        if key not in self._device_tables:
+            self._device_tables[key] = tuple(t.to(device) for t in self._plan[0])
+        return self._device_tables[key]
+
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, H, W) -> (N, n_angles, n_det)``."""
         x = x.detach().contiguous()
@@ -283,7 +329,12 @@ class FusedProjector:
         if self.uses_triton(y):
             from . import _fused_triton
 
-            buf = _fused_triton.backproject(y, self._kernel_args(y), self.geometry.image_shape,
+            args = self._kernel_args(y)
+            if self._use_gather():
+                plan = self._device_plan(y.device)
+                return _fused_triton.backproject_gather(y, args[:3], plan, self._plan[1],
+                                                        self.geometry.image_shape)
+            buf = _fused_triton.backproject(y, args, self.geometry.image_shape,
                                             block_d=self.block_d)
             return _fold_layers(buf, self.geometry.image_shape)
         return _reference_backproject(y, self.tables(y.dtype, y.device), self.geometry)

@@ -9,7 +9,14 @@ once per ray and use them for all ``BLOCK_B`` slices of the batch block:
 * :func:`_project`: ``out[b, r] = L_r * sum_s ((1 - f) src[b, i, s] + f src[b, i + 1, s])``
   (gather);
 * :func:`_backproject`: ``dst[b, i, s] += L_r (1 - f) y[b, r]``, ``dst[b, i + 1, s] +=
-  L_r f y[b, r]`` (``atomic_add``), the same pairs of index and weight read backwards.
+  L_r f y[b, r]`` (``atomic_add``), the same pairs of index and weight read backwards;
+* :func:`_backproject_gather` (parallel beam): one program per (pixel block, batch block);
+  for every angle it lists the few detector bins ``k`` whose sample can land on the pixel
+  (``c0_k`` is affine in ``k``: ``c0_k = alpha + beta k``, so bins within ``1/|beta|`` of
+  ``(t - alpha - s c1)/beta``, widened by one on each side), recomputes each candidate's
+  ``c = c0_k + s c1_k`` exactly as the forward does and keeps weight ``L (1 - f)`` when
+  ``floor(c)`` is the pixel's index ``t``, ``L f`` when it is ``t - 1``. It therefore sums
+  exactly the forward's (index, weight) pairs, without atomics and deterministically.
 
 ``src``/``dst`` are two-layer buffers ``(N, 2 H W)`` (image, then its transpose) as in
 :mod:`._fused_backend`; column-stepping rays use the transposed layer, so the rays of one
@@ -100,11 +107,52 @@ def _backproject(y, dst, c0_ptr, c1_ptr, len_ptr, col_ptr, blo_ptr, bhi_ptr, N, 
                       sem="relaxed")
 
 
+def _backproject_gather(y, out, c0_ptr, c1_ptr, len_ptr, alpha_ptr, beta_ptr, slope_ptr,
+                        col_ptr, N, n_angles, n_det, H, W, BLOCK_B: tl.constexpr,
+                        BLOCK_P: tl.constexpr, NCAND: tl.constexpr):
+    pid_p, pid_b = tl.program_id(0), tl.program_id(1)
+    pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = pix < H * W
+    row, column = pix // W, pix % W
+    b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    bmask = b < N
+    y_base = b.to(tl.int64)[:, None] * (n_angles * n_det)
+    acc = tl.full((BLOCK_B, BLOCK_P), 0.0, dtype=y.dtype.element_ty)
+    for a in range(0, n_angles):
+        alpha = tl.load(alpha_ptr + a)
+        beta = tl.load(beta_ptr + a)
+        slope = tl.load(slope_ptr + a)
+        col = tl.load(col_ptr + a)
+        step = tl.where(col != 0, column, row)  # the ray's step index at this pixel
+        target = tl.where(col != 0, row, column)  # the pixel's index on the interpolated axis
+        centre = (target - alpha - step * slope) / beta  # detector k whose sample hits it
+        k_lo = tl.floor(centre - 1.0 / tl.abs(beta)).to(tl.int32) - 1
+        for m in tl.static_range(NCAND):
+            k = k_lo + m
+            ok = pmask & (k >= 0) & (k < n_det)
+            ray = a * n_det + k
+            c0 = tl.load(c0_ptr + ray, mask=ok, other=0.0)
+            c1 = tl.load(c1_ptr + ray, mask=ok, other=0.0)
+            length = tl.load(len_ptr + ray, mask=ok, other=0.0)
+            coord = c0 + step * c1  # exactly the forward kernel's sample position
+            base = tl.floor(coord)
+            f = (coord - base).to(length.dtype)
+            i0 = base.to(tl.int32)
+            w = tl.where(i0 == target, 1.0 - f, tl.where(i0 + 1 == target, f, 0.0))
+            w = tl.where(ok, w * length, 0.0)
+            g = tl.load(y + y_base + ray[None, :], mask=bmask[:, None] & ok[None, :], other=0.0)
+            acc += w[None, :] * g
+    out_addr = b.to(tl.int64)[:, None] * (H * W) + pix[None, :]
+    tl.store(out + out_addr, acc, mask=bmask[:, None] & pmask[None, :])
+
+
 def kernels() -> tuple:
-    """``(project, backproject)`` as Triton kernels (interpreted under ``TRITON_INTERPRET=1``)."""
+    """``(project, backproject, backproject_gather)`` as Triton kernels (interpreted under
+    ``TRITON_INTERPRET=1``)."""
     key = os.environ.get("TRITON_INTERPRET", "0")
     if key not in _CACHE:
-        _CACHE[key] = (triton.jit(_project), triton.jit(_backproject))
+        _CACHE[key] = (triton.jit(_project), triton.jit(_backproject),
+                       triton.jit(_backproject_gather))
     return _CACHE[key]
 
 
@@ -164,3 +212,31 @@ def project(src: torch.Tensor, tables: tuple, shape, n_angles: int, n_det: int,
 def backproject(y: torch.Tensor, tables: tuple, shape, block_d: int = 64) -> torch.Tensor:
     """``(N, n_angles, n_det)`` sinograms -> ``(N, 2 H W)`` two-layer back projections."""
     return backproject_op(y.contiguous(), *tables, shape[0], shape[1], block_d)
+
+
+@torch.library.custom_op("recon::fused_joseph_backproject_gather", mutates_args=())
+def backproject_gather_op(y: torch.Tensor, c0: torch.Tensor, c1: torch.Tensor,
+                          length: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+                          slope: torch.Tensor, col: torch.Tensor, H: int, W: int,
+                          n_cand: int, block_p: int) -> torch.Tensor:
+    """``(N, n_angles, n_det)`` sinograms -> ``(N, H, W)`` by the pixel-driven gather kernel."""
+    n, n_angles, n_det = y.shape
+    out = y.new_empty((n, H, W))
+    bb = min(8, triton.next_power_of_2(max(1, n)))
+    grid = (triton.cdiv(H * W, block_p), triton.cdiv(n, bb))
+    kernels()[2][grid](y, out, c0, c1, length, alpha, beta, slope, col, n, n_angles, n_det, H, W,
+                       BLOCK_B=bb, BLOCK_P=block_p, NCAND=n_cand)
+    return out
+
+
+@backproject_gather_op.register_fake
+def _(y, c0, c1, length, alpha, beta, slope, col, H, W, n_cand, block_p):
+    return y.new_empty((y.shape[0], H, W))
+
+
+def backproject_gather(y: torch.Tensor, tables: tuple, plan: tuple, n_cand: int, shape,
+                       block_p: int = 128) -> torch.Tensor:
+    """``(N, n_angles, n_det) -> (N, H, W)``; ``tables = (c0, c1, length)``,
+    ``plan = (alpha, beta, slope, col)`` per angle (see ``_fused_backend.gather_plan``)."""
+    return backproject_gather_op(y.contiguous(), *tables, *plan, shape[0], shape[1], n_cand,
+                                 block_p)
