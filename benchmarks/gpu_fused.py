@@ -3,8 +3,9 @@
 Four tables, every number measured in this run on one device:
 
 1. ray transform, forward + adjoint ``A.T(A(x))`` in float32, ms per slice: the sparse matrix
-   (cuSPARSE) against the fused matrix-free kernels at 512x512 / 90 angles, batch 1, 8 and 32,
-   and the fused kernels alone at 1024x1024 / 180 angles (no matrix is built); with the
+   (cuSPARSE) against the fused matrix-free kernels (gather adjoint, and "fused/scatter" with
+   the atomic-scatter adjoint) at 512x512 / 90 angles, batch 1, 8 and 32, and the fused
+   kernels alone at 1024x1024 / 180 angles (no matrix is built); with the
    agreement of the two (max |fused - sparse| / max |sparse|) and the adjointness error;
 2. inference of the 12-iteration clinical-preset networks at 512x512 / 90 angles, batch 8,
    ms per slice: fp32 with the sparse and the fused operator, bf16 autocast, bf16 +
@@ -114,18 +115,36 @@ def operator_rows(args, device, clock) -> list:
     rows = []
     for size, n_angles, methods in args.operator_configs:
         geometry = ParallelBeamGeometry((size, size), n_angles=n_angles)
-        ops = {m: RayTransform(geometry, method=m, check_finite=False) for m in methods}
+        ops = {m: make_operator(geometry, m) for m in methods}
         for batch in args.operator_batches:
             x = torch.rand(batch, 1, size, size, generator=torch.Generator().manual_seed(0))
             x = x.to(device)
             for method, op in ops.items():
                 base = {"size": size, "n_angles": n_angles, "batch": batch, "operator": method}
-                guarded(rows, clock, base, lambda: {"ms_per_slice": 1e3 * median_seconds(
-                    lambda: op.T(op(x)), device, args.repeats, 2) / batch})
-        if "sparse" in ops and "fused" in ops:
-            guarded(rows, clock, {"size": size, "n_angles": n_angles, "check": "fused vs sparse"},
-                    lambda: agreement(ops["sparse"], ops["fused"], device))
+                guarded(rows, clock, base, lambda: time_operator(op, x, device, args.repeats))
+        for name in [m for m in ops if m.startswith("fused") and "sparse" in ops]:
+            guarded(rows, clock, {"size": size, "n_angles": n_angles, "check": f"{name} vs sparse"},
+                    lambda: agreement(ops["sparse"], ops[name], device))
     return rows
+
+
+def time_operator(op, x, device, repeats: int) -> dict:
+    """ms per slice of ``A.T(A(x))``, and of ``A x`` and ``A.T y`` alone."""
+    y = op(x)
+    batch = x.shape[0]
+    per_slice = {key: 1e3 * median_seconds(fn, device, repeats, 2) / batch
+                 for key, fn in (("ms_per_slice", lambda: op.T(op(x))), ("fp_ms", lambda: op(x)),
+                                 ("bp_ms", lambda: op.T(y)))}
+    return per_slice
+
+
+def make_operator(geometry, name: str) -> RayTransform:
+    """``"sparse"``, ``"fused"`` or ``"fused/scatter"`` (the atomic-scatter adjoint)."""
+    method, _, adjoint = name.partition("/")
+    op = RayTransform(geometry, method=method, check_finite=False)
+    if adjoint:
+        op._impl.adjoint_kernel = adjoint
+    return op
 
 
 def agreement(sparse, fused, device) -> dict:
@@ -250,7 +269,8 @@ def _cell(r: dict) -> str:
     if "skipped" in r:
         return "skipped (" + r["skipped"] + ")"
     return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                     for k, v in r.items() if k in ("ms_per_slice", "rel_err_vs_fp32", "loss",
+                     for k, v in r.items() if k in ("ms_per_slice", "fp_ms", "bp_ms",
+                                                     "rel_err_vs_fp32", "loss",
                                                      "forward_rel_err", "adjoint_rel_err",
                                                      "adjointness_fp32", "adjointness_fp64",
                                                      "compiled"))
@@ -264,7 +284,7 @@ def format_tables(report: dict) -> str:
     for r in report["operator"]:
         what = r.get("operator", r.get("check"))
         lines.append(f"  {r['size']:>5}^2 {r['n_angles']:>4} ang  B {r.get('batch', ''):>3}  "
-                     f"{what:<16} {_cell(r)}")
+                     f"{what:<24} {_cell(r)}")
     for title, key in (("2. inference, ms per slice", "inference"),
                        ("3. training step, ms per slice", "training")):
         lines += ["", f"{title} ({report['config']})"]
@@ -297,7 +317,8 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.notes = []
-    args.operator_configs = [(512, 90, ("sparse", "fused")), (1024, 180, ("fused",))]
+    args.operator_configs = [(512, 90, ("sparse", "fused", "fused/scatter")),
+                             (1024, 180, ("fused", "fused/scatter"))]
     args.operator_batches = [1, 8, 32]
     args.overrides, args.sketch_overrides = {}, {}
     if args.quick:
@@ -306,7 +327,8 @@ def parse_args(argv=None):
             out=os.path.join("runs", "quick", "gpu_fused"))
         args.compile = False
         args.notes.append("--quick: no torch.compile rows")
-        args.operator_configs = [(32, 12, ("sparse", "fused")), (64, 16, ("fused",))]
+        args.operator_configs = [(32, 12, ("sparse", "fused", "fused/scatter")),
+                                 (64, 16, ("fused",))]
         args.operator_batches = [1, 4]
         args.overrides = {"n_iterations": 3, "hidden_channels": 8}
         args.sketch_overrides = {"n_unsketched": 1}
