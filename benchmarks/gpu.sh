@@ -6,10 +6,11 @@
 # 1. benchmarks/gpu_fused.py: the fused matrix-free ray transform against the sparse matrix
 #    (512^2/90 at batch 1/8/32, 1024^2/180 without a matrix), LPD / LSPD / Sk-LSPD inference
 #    (fp32, bf16, channels-last, CUDA graphs, torch.compile) and training steps at 512^2,
-#    batch 8, with the ratios and targets; its rows stop starting after 240 s.
+#    batch 8, with the ratios and targets; its rows stop starting after 210 s.
 # 2. the CUDA tests of the fused kernels and the fast wrappers (when pytest is installed).
 # 3. benchmarks/distributed_cuda_check.py: HOAG, MAID and DDP training with 2 processes on
-#    one GPU against 1 process.
+#    one GPU (gloo) against 1 process; over NCCL too where there are 2 GPUs (NCCL refuses two
+#    ranks on one device).
 # Needs Python 3 + torch + numpy + scipy (triton for the fused kernels; without it the fused
 # rows run their torch reference) and installs nothing. Writes under $OUT: gpu.txt (versions),
 # gpu_fused.json / gpu_fused.txt (tables), distributed_cuda_check.json, one .log per step and
@@ -56,7 +57,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log, record the
   [ "$rc" -eq 0 ] || status=1
 }
 
-step gpu_fused 330 python benchmarks/gpu_fused.py --out "$OUT" --budget-s 240
+step gpu_fused 300 python benchmarks/gpu_fused.py --out "$OUT" --budget-s 210
 if python -c "import pytest" 2>/dev/null; then
   step cuda_tests 60 python -m pytest -q -x -p no:cacheprovider tests/test_ct_fused.py \
       tests/test_fast_unrolled.py
@@ -65,4 +66,11 @@ else
 fi
 step distributed_cuda_check 90 python benchmarks/distributed_cuda_check.py \
     --out "$OUT/distributed_cuda_check.json"
+# NCCL cannot put two ranks on one GPU: its run needs a second device
+if python -c "import torch, sys; sys.exit(0 if torch.cuda.device_count() >= 2 else 1)"; then
+  step distributed_cuda_check_nccl 90 python benchmarks/distributed_cuda_check.py \
+      --backend nccl --out "$OUT/distributed_cuda_check_nccl.json"
+else
+  echo "distributed_cuda_check_nccl skipped: one GPU (NCCL needs one per rank)" | tee -a "$OUT/status.txt"
+fi
 exit $status
