@@ -176,6 +176,17 @@ def build_nets(args, method, device) -> dict:
     return nets, op
 
 
+def safe_build(args, method, device, rows, label):
+    """:func:`build_nets`, or ``None`` with an error row when it fails."""
+    try:
+        return build_nets(args, method, device)
+    except Exception as exc:  # noqa: BLE001 - report and go on
+        rows.append({"table": label, "method": "all", "variant": f"{method} operator",
+                     "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+        print(f"FAILED building the {method} networks: {rows[-1]['error']}", file=sys.stderr)
+        return None
+
+
 def inference_rows(args, device, clock, compiled_rows: bool = False) -> list:
     """ms per slice of every inference variant of every network, with the error vs fp32.
 
@@ -188,7 +199,9 @@ def inference_rows(args, device, clock, compiled_rows: bool = False) -> list:
                 or compiled != compiled_rows or (compiled and not args.compile):
             continue
         if method not in nets_by_method:
-            nets_by_method[method] = build_nets(args, method, device)
+            nets_by_method[method] = safe_build(args, method, device, rows, label)
+        if nets_by_method[method] is None:
+            continue
         nets, op = nets_by_method[method]
         y = op(x)
         for name, net in nets.items():
@@ -217,7 +230,10 @@ def time_inference(args, net, y, device, reference, name, **options) -> dict:
 def train_rows(args, device, clock) -> list:
     """ms per slice of one optimisation step (Adam, MSE) of every network and variant."""
     rows = []
-    nets, op = build_nets(args, "fused", device)
+    built = safe_build(args, "fused", device, rows, "training")
+    if built is None:
+        return rows
+    nets, op = built
     gen = torch.Generator().manual_seed(2)
     x = torch.rand(args.batch, 1, args.size, args.size, generator=gen).to(device)
     y = op(x)

@@ -113,6 +113,11 @@ def test_bad_options_name_the_argument():
         FastTrainStep(net, "adam")
     with pytest.raises(ValueError, match="capturable=True"):
         FastTrainStep(net, opt, cuda_graph=True)
+    random = LSPD(op, 2, n_subsets=2, subset_order="random", hidden_channels=4).train()
+    with pytest.raises(ValueError, match="freeze the random subset order"):
+        FastTrainStep(random, torch.optim.SGD(random.parameters(), lr=0.1), cuda_graph=True)
+    with pytest.raises(TypeError, match="`model` must be a torch.nn.Module"):
+        FastTrainStep(lambda y: y, opt)
 
 
 @pytest.mark.gpu

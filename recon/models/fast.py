@@ -203,6 +203,8 @@ class FastTrainStep:
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss, *,
                  precision: str = "fp32", channels_last: bool = False, compile: bool = False,
                  cuda_graph: bool = False, compile_mode: str | None = None, warmup: int = 3):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got "
                             f"{type(optimizer).__name__}")
