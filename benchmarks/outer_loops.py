@@ -27,9 +27,10 @@ closed form or by Newton-CG at 1e-10), its relative gap ``(ℓ − ℓ*)/|ℓ*|`
 the starting gap left ``(ℓ − ℓ*)/(ℓ₀ − ℓ*)`` to the best known loss ``ℓ*`` (the problem's
 reference optimum, or the lowest true loss any run reached), outer iterations, cost, seconds,
 ``success`` and a verdict: "reached optimum" (success, gap ≤ 1e-6), "success=False: <reason>",
-"CRASH: <exception>" or "FALSE SUCCESS" (success=True with a gap > 1e-6; on the ridge problems,
-where the exact gradient is known, a success at another stationary point of the non-convex
-upper loss is named as such). Then the targets of the QuasiNewton loop are checked.
+"CRASH: <exception>" or "FALSE SUCCESS" (success=True with a gap > 1e-6; on the ridge problems
+and on data cleaning, where the exact or a tightly computed gradient is known, a success at
+another stationary point of the non-convex upper loss is named as such). Then the targets of
+the QuasiNewton loop are checked.
 
 Writes ``<out>/outer_loops.json`` and ``<out>/outer_loops.png`` (loss gap against cost per
 problem: exact losses of every iterate on the closed-form problems, the loops' recorded losses
@@ -55,7 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import peer_problems as pp  # noqa: E402
-from bilevel import HOAG, MAID, Bounds, QuasiNewton, solve_inner  # noqa: E402
+from bilevel import HOAG, MAID, Bounds, ImplicitCG, QuasiNewton, solve_inner  # noqa: E402
 from recon.scripts import help_parser  # noqa: E402
 
 DTYPE = torch.float64
@@ -117,6 +118,15 @@ def _ridge_grad_norm(inner, outer, batch):
     return grad_norm
 
 
+def _tight_grad_norm(inner, outer, batch):
+    """``θ ↦ ‖∇ℓ(θ)‖`` at a tight accuracy (inner solve and CG at 1e-10; no bounds)."""
+    def grad_norm(theta):
+        sol = solve_inner(inner, theta, batch, 1e-10, max_iter=500)
+        hg = ImplicitCG(max_iter=2000)(inner, outer, theta, batch, sol.x, 1e-10)
+        return hg.norm()
+    return grad_norm
+
+
 def _with_grad(built):
     inner, outer, theta0, batch, bounds, info = built
     info["grad_norm_at"] = _ridge_grad_norm(inner, outer, batch)
@@ -143,7 +153,9 @@ def problems(names: List[str], quick: bool):
             out.append(("quadratic", pp.benchopt_quadratic()))
         elif name == "cleaning":
             kw = dict(n_train=32, ref_maxiter=5) if quick else {}
-            out.append(("cleaning", pp.data_cleaning(**kw)))
+            built = pp.data_cleaning(**kw)
+            built[5]["grad_norm_at"] = _tight_grad_norm(*built[:2], built[3])
+            out.append(("cleaning", built))
         else:
             raise ValueError(f"unknown problem {name!r}; choose from {ALL}")
     return out
@@ -219,6 +231,8 @@ def _score(r: Dict[str, Any], best: float, loss0: float, info: Dict[str, Any], t
         return
     gap = r["true_loss"] - best
     r["gap_rel"] = gap / abs(best) if best != 0 else gap
+    if r["loop"] == "QuasiNewton":
+        r["first_cost_1e-6"] = _first_cost(r, best, info)
     r["gap_frac"] = gap / (loss0 - best) if loss0 != best else math.nan
     if not r["success"]:
         at = " (at the optimum)" if r["gap_rel"] <= SUCCESS_GAP else ""
@@ -233,6 +247,18 @@ def _score(r: Dict[str, Any], best: float, loss0: float, info: Dict[str, Any], t
             r["exact_grad_ratio"] = g / g0
             if g <= 1e-6 * g0:
                 r["verdict"] = f"success at another stationary point (‖∇ℓ‖/‖∇ℓ₀‖ = {g / g0:.1e})"
+
+
+def _first_cost(r: Dict[str, Any], best: float, info: Dict[str, Any], gap: float = 1e-6):
+    """The cost at which an accepted iterate's *true* loss first came within ``gap``
+    (relative) of ``best`` (``None``: never)."""
+    for cost, _, theta in r.get("curve", []):
+        if theta is None:
+            return None
+        th = {k: torch.tensor(v, dtype=DTYPE) for k, v in theta.items()}
+        if (info["loss_at"](th) - best) <= gap * abs(best):
+            return cost
+    return None
 
 
 def _short(msg: str, n: int = 60) -> str:
@@ -273,7 +299,9 @@ def targets(res: Dict[str, Any]) -> List[str]:
     r = _qn(res, "quickstart")
     line("quickstart: gap ≤ 1e-6, success, ≤ 20 it, cost ≤ 500", r, _ok(r, "gap_rel", 1e-6, 20, 500))
     r = _qn(res, "foe")
-    line("foe: gap ≤ 1e-6, cost ≤ 1000", r, _ok(r, "gap_rel", 1e-6, cost=1000, success=False))
+    first = None if r is None else r.get("first_cost_1e-6")
+    line(f"foe: gap ≤ 1e-6 at cost ≤ 1000 (first reached at cost {first})", r,
+         first is not None and first <= 1000)
     for name in ("ridge20", "ridge100"):
         r = _qn(res, name)
         line(f"{name}: gap ≤ 1e-4 in ≤ 100 it", r, _ok(r, "gap_rel", 1e-4, 100, success=False))

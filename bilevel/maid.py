@@ -33,8 +33,11 @@ gradient mapping, ``= z`` without bounds):
     help, and the line search ends as failed at once ("coarse").
 
 3. **Adapt.** After success: ``θ_{k+1} = θ⁺``, ``ε ← νε``, ``δ ← νδ``, ``β_{k+1} = β·grow``.
-   After failure: stay at ``θ_k`` with ``ε ← τε`` (and ``δ ← τδ`` unless only the allowances
-   failed), keep ``β_k``.
+   After failure: stay at ``θ_k`` with ``ε ← τε``; unless only the allowances failed, also
+   ``δ ← τδ`` and ``β_{k+1} = ρ^{m}β_k`` (``m`` the trials made): the next search goes on from
+   the shortest step tried, so a first step far too long for the curvature met later (data in
+   other units) is shortened geometrically instead of being retried. A trial whose loss,
+   allowance or hypergradient is not finite counts as a failed trial (shorter step).
 
 Hence between consecutive records ``ℓ̃_{k+1} ≤ ℓ̃_k + a_k + a_{k+1}`` (the "tolerance
 allowance"; the true loss never increases). Budgets: ``max_iter`` records (hypergradient
@@ -423,7 +426,11 @@ class MAID(OuterLoop):
                 b *= self.rho
                 continue
             loss_t, a_t = hg_t.loss, hg_t.bound.loss + _roundoff(hg_t.loss)
-            if _finite(loss_t, a_t) and loss_t + a_t <= lower - self.c1 * move ** 2 / b:
+            if not _finite(loss_t, a_t, hg_t.norm()):  # overflow there: a shorter step
+                backtracks += 1
+                b *= self.rho
+                continue
+            if loss_t + a_t <= lower - self.c1 * move ** 2 / b:
                 accepted = True
                 st.theta, st.sol, st.x, st.sol_eps = trial, sol_t, sol_t.x, st.eps
                 st.hg, st.hg_delta = hg_t, st.delta
@@ -456,8 +463,9 @@ class MAID(OuterLoop):
             return
         else:
             st.eps = max(st.eps * self.tau, st.eps_floor)
-            if not coarse:  # a line search that ran out of trial steps: maybe a poor direction
-                st.delta *= self.tau
+            if not coarse:  # a line search that ran out of trial steps: maybe a poor direction,
+                st.delta *= self.tau  # or a step far too long for the curvature met here:
+                st.beta = b  # the next search goes on from the shortest step tried (× ρ)
         if not self._budget_left(st):
             st.message = (f"budget of {self.max_cost} lower-level + CG iterations exhausted "
                           f"(used {st.cost})")

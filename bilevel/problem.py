@@ -491,10 +491,12 @@ class HypergradientEstimator(ABC):
         ...
 
     def _warm(self, like: Tensor) -> Optional[Tensor]:
-        """The stored warm start ``q`` when warm starts are on and it matches ``like``."""
+        """The stored warm start ``q`` when warm starts are on, it matches ``like`` and it is
+        finite (a solve that overflowed at a rejected trial point must not poison the next)."""
         q = getattr(self, "_q", None)
         if (getattr(self, "warm_start", False) and q is not None and q.shape == like.shape
-                and q.dtype == like.dtype and q.device == like.device):
+                and q.dtype == like.dtype and q.device == like.device
+                and bool(torch.isfinite(q).all())):
             return q
         return None
 

@@ -176,7 +176,9 @@ class QuasiNewton(OuterLoop):
     inner, outer: the lower-level problem and upper loss.
     estimator: hypergradient estimator (default :class:`~bilevel.ImplicitCG`), called with a
         relative CG tolerance.
-    memory: number of L-BFGS pairs kept.
+    memory: number of L-BFGS pairs kept (default 50: at least the number of hyperparameters of
+        most problems, so the model can become the full BFGS one; the two-loop recursion costs
+        O(memory·dim θ), nothing next to an inner solve).
     tol0: relative first accuracy ``ε₀`` in (0, 1).
     tol_min: accuracy floor ``ε_min`` (``None``: ``1e-10`` in float64, ``1e-5`` otherwise).
     max_iter: outer iterations (every trial point is one, accepted or not).
@@ -205,7 +207,7 @@ class QuasiNewton(OuterLoop):
     State = QuasiNewtonState
 
     def __init__(self, inner: InnerProblem, outer: OuterLoss,
-                 estimator: Optional[HypergradientEstimator] = None, *, memory: int = 10,
+                 estimator: Optional[HypergradientEstimator] = None, *, memory: int = 50,
                  tol0: float = 0.1, tol_rate: float = 0.1, tol_min: Optional[float] = None, max_iter: int = 100,
                  max_move: float = 2.0, c1: float = 1e-4, gtol: float = 1e-6, ftol: float = 1e-7,
                  floor_gtol: float = 1e-3, xtol: float = 1e-10, bounds: Optional[Bounds] = None,
@@ -371,6 +373,12 @@ class QuasiNewton(OuterLoop):
         """Shorten the step (safeguarded quadratic interpolation); when the step is below
         ``xtol``: tighten the accuracy, clear the memory, or end the run."""
         st.ls_reasons.append(reason)
+        if (reason == "insufficient decrease" and len(st.ls_reasons) >= 2
+                and st.eps < 0.5 * st.grad_eps):
+            # trials at a tighter accuracy than θ_k's values keep failing: ℓ_k may be
+            # underestimated; re-evaluate θ_k at the trials' accuracy before shortening further
+            st.grad, st.direction, st.ls_reasons = None, None, []
+            return
         shrink = 0.5
         slope = float(flat.vec(st.grad) @ step)
         if reason == "insufficient decrease" and math.isfinite(f_trial) and slope < 0:

@@ -153,3 +153,40 @@ def test_outer_loops_quick_runs():
         assert loop in out.stdout
     assert "targets of the QuasiNewton loop" in out.stdout
     assert seconds < 180
+
+
+@pytest.mark.parametrize("convention,scale", [("mean", 1e-3), ("sum", 1e3)])
+def test_maid_step_adapts_to_curvature_met_in_other_units(convention, scale):
+    """In these units MAID's first step (a move of length 1) is orders of magnitude too long
+    for the curvature a few steps later; the step must keep shrinking across failed line
+    searches (not restart at the too-long one) so that the loss goes on decreasing, and the run
+    must end with a Result (no crash, no false success)."""
+    import warnings
+    from bilevel import MAID
+    inner, outer, th0, batch, bounds, info = pp.per_feature_ridge(20, convention=convention,
+                                                                 scale=scale)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = MAID(inner, outer, max_iter=30).run(th0, batch)
+    losses = res.history.column("upper_loss")
+    start = info["loss_at"](th0)
+    final = info["loss_at"](res.theta)
+    assert all(math.isfinite(v) for v in losses)
+    assert final < start - 0.05 * (start - info["best_loss"])  # real progress, not a stall
+    accepted = [r["step_accepted"] for r in res.history.records[1:]]
+    assert sum(bool(a) for a in accepted) >= 10
+    assert not (res.success and final > info["best_loss"] * (1 + 1e-6))
+
+
+def test_a_non_finite_warm_start_is_not_used():
+    """A CG that overflowed at a rejected trial point leaves a non-finite ``q``; the next call
+    must start from zero instead of propagating NaN into the hypergradient."""
+    from bilevel import AdaptiveInexact
+    inner, outer, th0, batch, bounds, info = pp.per_feature_ridge(5)
+    sol = solve_inner(inner, th0, batch, tol=1e-10)
+    for est in (ImplicitCG(), AdaptiveInexact(mu=None)):
+        ref = est(inner, outer, th0, batch, sol.x, 1e-10)
+        est._q = torch.full_like(ref.adjoint, float("nan"))
+        hg = est(inner, outer, th0, batch, sol.x, 1e-10)
+        assert math.isfinite(hg.norm())
+        assert torch.allclose(hg.theta_grad["log_lam"], ref.theta_grad["log_lam"], rtol=1e-8)
