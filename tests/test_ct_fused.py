@@ -269,3 +269,25 @@ def test_sketched_lspd_through_interpreted_kernels_equals_torch_reference(monkey
         with torch.no_grad():
             outs.append(net(y))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not importable")
+def test_custom_ops_pass_opcheck(monkeypatch):
+    """Schema, fake (meta) implementations and AOT dispatch of the three custom operators."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from recon.operators import _fused_triton as K
+    from recon.operators._fused_backend import _two_layers
+
+    geom = ParallelBeamGeometry((8, 8), 4)
+    proj = FusedProjector(geom, kernel="triton")
+    x, y = _pair(geom, torch.Generator().manual_seed(8), batch=2)
+    x, y = x[:, 0], y[:, 0]
+    args = proj._kernel_args(x)
+    n_det = geom.n_detectors
+    cases = [(K.project_op, (_two_layers(x), *args, 8, 8, 4, n_det, 64)),
+             (K.backproject_op, (y, *args, 8, 8, 64)),
+             (K.backproject_gather_op, (y, *args[:3], *proj._device_plan("cpu"), 8, 8,
+                                        proj._plan[1], 128))]
+    for op, op_args in cases:
+        result = torch.library.opcheck(op, op_args)
+        assert set(result.values()) == {"SUCCESS"}, (op, result)

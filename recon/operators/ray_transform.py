@@ -210,15 +210,17 @@ class RayTransform:
 
     # --------------------------------------------------------------- derived
     def norm(self, *, max_iter: int = 200, rtol: float = 1e-6, seed: int = 0,
-             device: str | torch.device = "cpu") -> float:
+             device: str | torch.device | None = None) -> float:
         """Operator 2-norm ``||A|| = sqrt(lambda_max(A^T A))`` by the power method (cached).
 
         Iterates ``v <- A^T A v / ||A^T A v||`` from a seeded random start until the
         Rayleigh quotient changes by less than ``rtol`` (relative), at most
-        ``max_iter`` times; float64 for the ``torch`` backend, on ``device`` (the CPU by
-        default; ``"cuda"`` makes the first call fast for large ``fused`` operators). The
-        first call's value is cached whatever the device.
+        ``max_iter`` times; float64 for the ``torch`` backend, on ``device`` (default: the
+        GPU for ``method="fused"`` when CUDA is available, whose kernels make it fast, else
+        the CPU). The first call's value is cached whatever the device.
         """
+        if device is None:
+            device = "cuda" if self.method == "fused" and torch.cuda.is_available() else "cpu"
         if self._norm is None:
             dtype = torch.float64 if self.backend == "torch" else torch.float32
             gen = torch.Generator().manual_seed(seed)
