@@ -6,8 +6,10 @@ moves the reductions through host memory) against 1 process, for HOAG, MAID and 
 
 Needs a CUDA GPU (on a machine without one it says so and exits with status 2).
 
-One GPU cannot host two NCCL ranks, so this checks the device handling (tensors on CUDA, DDP
-with ``device_ids``), not NCCL speed.
+One GPU cannot host two NCCL ranks (NCCL refuses two ranks on one device), so by default the
+two processes talk through gloo and this checks the device handling (tensors on CUDA, DDP
+with ``device_ids``), not NCCL speed. ``--backend nccl`` runs the same jobs over NCCL with one
+GPU per process (rank r on cuda:r) and needs at least two GPUs.
 """
 from __future__ import annotations
 
@@ -56,8 +58,10 @@ def guarded(fn, *args):
         return f"{type(exc).__name__}: {exc}"[:300]
 
 
-def worker(rank, world, store, out):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+def worker(rank, world, store, out, backend="gloo"):
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    torch.distributed.init_process_group(backend, init_method=f"file://{store}", rank=rank,
                                          world_size=world)
     rows = {m: guarded(bilevel, m) for m in ("HOAG", "MAID")}
     rows["DDP training"] = guarded(training)
@@ -72,9 +76,14 @@ def parse_args(argv=None):
     default = os.path.join(os.environ.get("OUT", os.path.join(ROOT, "benchmarks", "results")),
                            "distributed_cuda_check.json")
     p.add_argument("--out", default=default, help="where the JSON report goes")
+    p.add_argument("--backend", choices=("gloo", "nccl"), default="gloo",
+                   help="process-group backend of the 2-process run (nccl: one GPU per process)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
+    if args.backend == "nccl" and torch.cuda.device_count() < 2:
+        p.error(f"--backend nccl needs 2 GPUs (NCCL refuses two ranks on one device); this "
+                f"machine has {torch.cuda.device_count()}; use --backend gloo")
     return args
 
 
@@ -84,11 +93,11 @@ def main(argv=None):
     one = {m: guarded(bilevel, m) for m in ("HOAG", "MAID")}
     one["DDP training"] = guarded(training)
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(worker, args=(2, os.path.join(tmp, "store"), tmp), nprocs=2,
-                           start_method="spawn")
+        mp.start_processes(worker, args=(2, os.path.join(tmp, "store"), tmp, args.backend),
+                           nprocs=2, start_method="spawn")
         two = torch.load(os.path.join(tmp, "two.pt"), weights_only=True)
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-              "seconds": time.perf_counter() - t0}
+              "backend": args.backend, "seconds": time.perf_counter() - t0}
     for job in one:
         if isinstance(one[job], str) or isinstance(two[job], str):
             report[job] = {"error_1_process": one[job] if isinstance(one[job], str) else None,

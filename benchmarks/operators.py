@@ -7,7 +7,8 @@ beam, float32) it times one ``A.T(A(x))`` on a batch and reports slices per seco
   and adjoint applied slice by slice — the baseline, measured in the same run;
 * ``astra``: this package's ``backend="astra"`` (ASTRA directly, slice by slice);
 * ``torch``: ``backend="torch"`` (cached sparse matrix) at batch 1 and 32;
-* on CUDA, when available: ``torch`` sparse (cuSPARSE) and ``matrix_free`` at batch 1, 8, 32.
+* on CUDA, when available: ``torch`` sparse (cuSPARSE), ``matrix_free`` and ``fused`` (the
+  matrix-free Triton kernels) at batch 1, 8, 32.
 
 The speed-up column is throughput / baseline throughput. The one-off set-up (building or
 loading the system matrix) is reported separately. Results go to a table on stdout and to
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
                     timeit(lambda: A.T(A(x)), min_time=min_time, max_repeats=reps), baseline, setup)
             if torch.cuda.is_available():
                 sync = torch.cuda.synchronize
-                for method in ("sparse", "matrix_free"):
+                for method in ("sparse", "matrix_free", "fused"):
                     G = RayTransform(geom, method=method, check_finite=False)
                     for b in (1, 8, 32):
                         x = x_all[:b].cuda()

@@ -137,7 +137,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--preset", choices=("digits", "clinical"), default="digits")
     parser.add_argument("--subsets", type=int, default=4)
     parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32"])
-    parser.add_argument("--method", nargs="+", choices=("sparse", "matrix_free"),
+    parser.add_argument("--method", nargs="+", choices=("sparse", "matrix_free", "fused"),
                         default=["sparse"], help="torch-backend projector implementation")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--sketch-hidden", type=int, nargs="*", default=[],

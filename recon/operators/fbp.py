@@ -48,6 +48,25 @@ __all__ = ["fbp", "ramp_filter", "FILTERS"]
 
 FILTERS = ("ram-lak", "shepp-logan", "cosine", "hamming", "hann")
 _CHUNK_ELEMENTS = 1 << 24
+#: Filter responses and angle weights already on a device, so a repeated ``fbp`` copies
+#: nothing from the host (and can be captured in a CUDA graph once it has run once).
+_CONSTANTS: dict = {}
+_MAX_CONSTANTS = 64
+
+
+@torch.compiler.disable
+def _constant(key_fn, make, like: torch.Tensor) -> torch.Tensor:
+    """``torch.as_tensor(make())`` in ``like``'s dtype and device, cached under ``key_fn()``.
+
+    Not traced by ``torch.compile`` (the key hashes numpy arrays): a compiled caller gets the
+    cached tensor as an input."""
+    full = key_fn() + (like.dtype, str(like.device))
+    hit = _CONSTANTS.get(full)
+    if hit is None:
+        if len(_CONSTANTS) >= _MAX_CONSTANTS:
+            _CONSTANTS.clear()
+        hit = _CONSTANTS[full] = torch.as_tensor(make(), dtype=like.dtype, device=like.device)
+    return hit
 
 
 def _window(name: str, nu: np.ndarray, scaling: float) -> np.ndarray:
@@ -102,8 +121,8 @@ def ramp_filter(sinogram: torch.Tensor, spacing: float, filter: str = "ram-lak",
     """
     n = sinogram.shape[-1]
     size = 1 << max(1, math.ceil(math.log2(2 * n))) if padding else n
-    resp = torch.as_tensor(filter_response(size, spacing, filter, frequency_scaling),
-                           dtype=sinogram.dtype, device=sinogram.device)
+    resp = _constant(lambda: ("ramp", size, float(spacing), filter, float(frequency_scaling)),
+                     lambda: filter_response(size, spacing, filter, frequency_scaling), sinogram)
     spec = torch.fft.rfft(sinogram, n=size, dim=-1)
     return torch.fft.irfft(spec * resp, n=size, dim=-1)[..., :n]
 
@@ -143,7 +162,7 @@ def fbp(sinogram: torch.Tensor, operator, filter: str = "ram-lak", frequency_sca
                          f"{geom.range_shape[1]}) for {geom!r}")
     if sinogram.numel() == 0:
         return sinogram.new_zeros(tuple(sinogram.shape[:-2]) + tuple(geom.image_shape))
-    weights = torch.as_tensor(geom.angle_weights(), dtype=sinogram.dtype, device=sinogram.device)
+    weights = _constant(lambda: ("angle_weights", geom.cache_key()), geom.angle_weights, sinogram)
     if isinstance(geom, ParallelBeamGeometry):
         q = ramp_filter(sinogram, geom.detector_spacing, filter, frequency_scaling, padding)
         dy, dx = geom.pixel_size

@@ -13,9 +13,13 @@ Backends
 --------
 ``"torch"`` (default)
     Joseph's projector in plain PyTorch, exactly matched adjoint, CPU and CUDA,
-    float32 and float64; ``method="sparse"`` (cached CSR matrix) or
-    ``"matrix_free"`` (weights recomputed on the fly). See
-    :mod:`recon.operators._torch_backend`.
+    float32 and float64; ``method="sparse"`` (cached CSR matrix, the default),
+    ``"matrix_free"`` (weights recomputed on the fly, see
+    :mod:`recon.operators._torch_backend`) or ``"fused"`` (no matrix: four coefficients per
+    ray, ``(A x)_r = L_r sum_s [(1 - f) x[i, s] + f x[i + 1, s]]`` with
+    ``i + f = c0_r + s c1_r``, marched by one Triton kernel per direction on CUDA and by
+    their pure-torch reference on the CPU; the same matrix as ``sparse`` up to float
+    rounding, see :mod:`recon.operators._fused_backend`).
 ``"astra"``
     ASTRA Toolbox, slice by slice on the CPU (or its CUDA projector when built
     with CUDA). Reference implementation, float32 internally.
@@ -36,7 +40,7 @@ from .geometry import Geometry, _check_subset
 __all__ = ["RayTransform", "subset_data", "BACKENDS"]
 
 BACKENDS = ("torch", "astra", "odl")
-_METHODS = ("auto", "sparse", "matrix_free")
+_METHODS = ("auto", "sparse", "matrix_free", "fused")
 
 
 class _Apply(torch.autograd.Function):
@@ -81,9 +85,13 @@ class RayTransform:
     backend : {"torch", "astra", "odl"}
         Implementation (module docstring). Only ``"torch"`` runs on CUDA tensors
         without copies and is exactly matched in float64.
-    method : {"auto", "sparse", "matrix_free"}
-        ``torch`` backend only: cached sparse matrix or on-the-fly weights
-        (``"auto"`` = ``"sparse"``).
+    method : {"auto", "sparse", "matrix_free", "fused"}
+        ``torch`` backend only: cached sparse matrix, on-the-fly weights, or the fused
+        matrix-free kernels (``"auto"`` = ``"sparse"``).
+    kernel : {"auto", "triton", "torch"}
+        ``fused`` only: ``"auto"`` runs the Triton kernels on CUDA tensors (when Triton is
+        importable; on CPU tensors only under ``TRITON_INTERPRET=1``) and the pure-torch
+        reference of the same arithmetic otherwise; ``"triton"`` / ``"torch"`` force one.
     cache : bool or path
         ``torch``/``sparse`` only: where to cache the matrix on disk (``True``: the
         default folder, ``$RECON_CACHE_DIR`` or ``~/.cache/recon/ray_transform``;
@@ -101,7 +109,7 @@ class RayTransform:
     """
 
     def __init__(self, geometry: Geometry, backend: str = "torch", *, method: str = "auto",
-                 cache=True, check_finite: bool = True, _impl=None):
+                 cache=True, check_finite: bool = True, kernel: str = "auto", _impl=None):
         if not isinstance(geometry, Geometry):
             raise TypeError(f"`geometry` must be a Geometry, got {type(geometry).__name__}")
         if backend not in BACKENDS:
@@ -110,13 +118,20 @@ class RayTransform:
             raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}")
         if not isinstance(cache, (bool, str, os.PathLike)):
             raise ValueError(f"`cache` must be True, False or a folder path, got {cache!r}")
-        if backend != "torch" and method == "matrix_free":
-            raise ValueError(f"`method`='matrix_free' needs backend='torch', got backend={backend!r}")
+        if backend != "torch" and method in ("matrix_free", "fused"):
+            raise ValueError(f"`method`={method!r} needs backend='torch', got backend={backend!r}")
+        from ._fused_backend import KERNELS
+
+        if kernel not in KERNELS:
+            raise ValueError(f"`kernel` must be one of {KERNELS}, got {kernel!r}")
+        if kernel != "auto" and method != "fused":
+            raise ValueError(f"`kernel`={kernel!r} needs method='fused', got method={method!r}")
         self.geometry = geometry
         self.backend = backend
         self.method = "sparse" if method == "auto" else method
         self.cache = cache
         self.check_finite = check_finite
+        self.kernel = kernel
         self._norm: float | None = None
         self._adjoint_op = None
         if _impl is not None:  # a backend's own subset (see :meth:`subset`)
@@ -126,6 +141,10 @@ class RayTransform:
 
             if self.method == "sparse":
                 self._impl = SparseProjector(geometry, cache=cache)
+            elif self.method == "fused":
+                from ._fused_backend import FusedProjector
+
+                self._impl = FusedProjector(geometry, kernel=kernel)
             else:
                 self._impl = MatrixFreeProjector(geometry)
         elif backend == "astra":
@@ -190,17 +209,22 @@ class RayTransform:
         return self._adjoint_op
 
     # --------------------------------------------------------------- derived
-    def norm(self, *, max_iter: int = 200, rtol: float = 1e-6, seed: int = 0) -> float:
+    def norm(self, *, max_iter: int = 200, rtol: float = 1e-6, seed: int = 0,
+             device: str | torch.device | None = None) -> float:
         """Operator 2-norm ``||A|| = sqrt(lambda_max(A^T A))`` by the power method (cached).
 
         Iterates ``v <- A^T A v / ||A^T A v||`` from a seeded random start until the
         Rayleigh quotient changes by less than ``rtol`` (relative), at most
-        ``max_iter`` times; float64 on the CPU for the ``torch`` backend.
+        ``max_iter`` times; float64 for the ``torch`` backend, on ``device`` (default: the
+        GPU for ``method="fused"`` when CUDA is available, whose kernels make it fast, else
+        the CPU). The first call's value is cached whatever the device.
         """
+        if device is None:
+            device = "cuda" if self.method == "fused" and torch.cuda.is_available() else "cpu"
         if self._norm is None:
             dtype = torch.float64 if self.backend == "torch" else torch.float32
             gen = torch.Generator().manual_seed(seed)
-            v = torch.randn((1,) + self.domain_shape, generator=gen, dtype=dtype)
+            v = torch.randn((1,) + self.domain_shape, generator=gen, dtype=dtype).to(device)
             v /= torch.linalg.vector_norm(v)
             lam = 0.0
             for _ in range(max_iter):
@@ -219,7 +243,7 @@ class RayTransform:
 
     def _like(self, geometry: Geometry, impl=None) -> "RayTransform":
         return RayTransform(geometry, self.backend, method=self.method, cache=self.cache,
-                            check_finite=self.check_finite, _impl=impl)
+                            check_finite=self.check_finite, kernel=self.kernel, _impl=impl)
 
     def subset(self, i: int, m: int) -> "RayTransform":
         """Operator of the angles ``i, i + m, i + 2m, ...`` (data: :func:`subset_data`).
@@ -240,7 +264,9 @@ class RayTransform:
         return self._like(self.geometry.coarsen(factor))
 
     def __repr__(self) -> str:
-        return f"RayTransform({self.geometry!r}, backend={self.backend!r}, method={self.method!r})"
+        extra = f", kernel={self.kernel!r}" if self.kernel != "auto" else ""
+        return (f"RayTransform({self.geometry!r}, backend={self.backend!r}, "
+                f"method={self.method!r}{extra})")
 
     # Operators are immutable: copies share the instance, pickles store only the settings
     # (the matrix is rebuilt or loaded from the disk cache on first use after unpickling).
@@ -248,11 +274,13 @@ class RayTransform:
         return self
 
     def __reduce__(self):
-        return (_rebuild, (self.geometry, self.backend, self.method, self.cache, self.check_finite))
+        return (_rebuild, (self.geometry, self.backend, self.method, self.cache, self.check_finite,
+                           self.kernel))
 
 
-def _rebuild(geometry, backend, method, cache, check_finite) -> RayTransform:
-    return RayTransform(geometry, backend, method=method, cache=cache, check_finite=check_finite)
+def _rebuild(geometry, backend, method, cache, check_finite, kernel="auto") -> RayTransform:
+    return RayTransform(geometry, backend, method=method, cache=cache, check_finite=check_finite,
+                        kernel=kernel)
 
 
 class AdjointRayTransform:
