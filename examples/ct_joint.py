@@ -15,7 +15,9 @@ these routes, each over ``--seeds`` seeds (weights and sample order; the data ar
 Prints Dice (lesion class, mean over test images; ± the 95 % t-interval over seeds), PSNR /
 SSIM of x̂, training and inference time, then the C sweep (joint LSPD, first seed; ``C = 0`` is
 the sequential route with LSPD) and the joint LSPD / joint LPD training-step time ratio measured
-side by side. Writes ``table.json`` and ``samples.png`` under ``--out``.
+side by side, and the paired Dice differences route − sequential over the seeds (same seed,
+same data) with their 95 % t-intervals. Writes ``table.json``, ``samples.png`` and
+``loss_curves.png`` under ``--out``.
 
     python examples/ct_joint.py            # the table (about 30 min on 2 cores)
     python examples/ct_joint.py --quick    # smoke run, < 1 minute, in runs/quick/
@@ -97,6 +99,33 @@ def ci95(values) -> tuple[float, float]:
     return mean, float(t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
 
 
+def paired(rows: dict, base: str = "sequential", key: str = "dice") -> dict:
+    """Per-seed differences ``route − base`` of ``key`` for every other route with as many
+    seeds (the same seed trains both: a paired design), with the mean and the half-width of
+    their 95 % t-interval: ``{route: {"diffs", "mean", "ci95"}}``."""
+    ref = [r[key] for r in rows.get(base, [])]
+    out = {}
+    for route, runs in rows.items():
+        if route in (base, "clean") or len(runs) != len(ref) or not ref:
+            continue
+        diffs = [r[key] - b for r, b in zip(runs, ref)]
+        mean, half = ci95(diffs)
+        out[route] = {"diffs": diffs, "mean": mean, "ci95": half}
+    return out
+
+
+def format_paired(diffs: dict, base: str = "sequential") -> str:
+    """One line per route: mean Dice difference to ``base`` ± its 95 % interval, per seed."""
+    lines = [f"paired Dice difference to {base} (same seeds; 95 % t-interval):"]
+    for route, d in diffs.items():
+        lo, hi = d["mean"] - d["ci95"], d["mean"] + d["ci95"]
+        per = ", ".join(f"{v:+.3f}" for v in d["diffs"])
+        verdict = ("> 0" if lo > 0 else "< 0" if hi < 0 else "includes 0")
+        lines.append(f"  {route:14s} {d['mean']:+.4f} ± {d['ci95']:.4f}  [{lo:+.3f}, {hi:+.3f}] "
+                     f"{verdict}   per seed: {per}")
+    return "\n".join(lines)
+
+
 def _scores(res: dict, seconds: float) -> dict:
     out = {k: float(v.mean()) for k, v in res.items() if torch.is_tensor(v)}
     return {**out, "infer_ms": res["infer_ms"], "train_s": seconds}
@@ -129,6 +158,8 @@ def run_routes(args, operator, train, test, options) -> tuple[dict, dict, dict]:
         for route in ROUTES:
             net, info = run_route(route, operator, train, config, options, C=args.C)
             rows[route].append(_scores(evaluate_net(net, test), info["train_seconds"]))
+            rows[route][-1]["history"] = [{k: r[k] for k in ("epoch", "loss")}
+                                          for r in info.get("history", [])]
             if route == "clean":
                 clean_nets[seed] = net
             if seed == 0:
@@ -211,6 +242,29 @@ def save_png(path: Path, test: dict, samples: dict) -> None:
     plt.close(fig)
 
 
+def save_loss_curves(path: Path, rows: dict) -> None:
+    """Training loss per epoch of every trained route (all seeds; stages one after another:
+    pretraining, then the joint stage, or reconstruction, then segmentation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trained = {r: runs for r, runs in rows.items() if runs and runs[0].get("history")}
+    if not trained:
+        return
+    fig, axes = plt.subplots(1, len(trained), figsize=(3.2 * len(trained), 2.8), squeeze=False)
+    for ax, (route, runs) in zip(axes[0], trained.items()):
+        for seed, run in enumerate(runs):
+            ax.plot([h["loss"] for h in run["history"]], lw=1, label=f"seed {seed}")
+        ax.set(title=route, xlabel="epoch (all stages)", yscale="log")
+    axes[0][0].set_ylabel("training loss")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     for line in args.notes:
@@ -235,6 +289,9 @@ def main(argv=None) -> dict:
     print(f"\nTable 3.2 analog ({args.image_size}², {args.n_angles} angles, Poisson I0 = 7e4, "
           f"C = {args.C}, {args.seeds} seeds, {torch.get_num_threads()} thread(s)):")
     print(format_table(rows))
+    diffs = paired(rows)
+    if diffs:
+        print("\n" + format_paired(diffs))
     if sweep:
         print("\nC sweep (joint LSPD, seed 0; C = 0: sequential with LSPD):")
         for C, r in sweep.items():
@@ -251,10 +308,12 @@ def main(argv=None) -> dict:
     result = {"args": vars(args), "setup": setup, "options": options, "rows": rows,
               "summary": {r: dict(zip(("dice", "ci95"), ci95([x["dice"] for x in v])))
                           for r, v in rows.items()},
+              "paired_vs_sequential": diffs,
               "sweep": {str(C): r for C, r in sweep.items()}, "tv_theta": thetas,
               "step_time": ratio, "total_seconds": total}
     (out / "table.json").write_text(json.dumps(result, indent=2))
     save_png(out / "samples.png", test, samples)
+    save_loss_curves(out / "loss_curves.png", rows)
     return result
 
 

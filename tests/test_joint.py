@@ -158,6 +158,22 @@ def test_ct_joint_quick_example_runs(tmp_path, one_torch_thread):
         assert all(0.0 <= r["dice"] <= 1.0 for r in saved["rows"][route])
     assert sorted(float(c) for c in saved["sweep"]) == [0.0, 0.1, 0.5, 0.9, 1.0]
     assert saved["step_time"]["ratio"] > 0
+    assert set(saved["paired_vs_sequential"]) == set(routes) - {"clean", "sequential"}
+    assert (tmp_path / "loss_curves.png").stat().st_size > 1000
+    assert all(r["history"] for r in saved["rows"]["joint_lpd"])
+
+    # the paired differences and their interval on known numbers
+    rows = {"sequential": [{"dice": 0.5}, {"dice": 0.6}, {"dice": 0.7}],
+            "joint_lpd": [{"dice": 0.6}, {"dice": 0.8}, {"dice": 1.0}],
+            "short": [{"dice": 0.9}]}
+    d = module.paired(rows)
+    assert set(d) == {"joint_lpd"}  # "short" has another number of seeds: not paired
+    assert d["joint_lpd"]["diffs"] == pytest.approx([0.1, 0.2, 0.3])
+    assert d["joint_lpd"]["mean"] == pytest.approx(0.2)
+    assert d["joint_lpd"]["ci95"] == pytest.approx(4.302652729911275 * 0.1 / 3 ** 0.5)
+    assert "includes 0" in module.format_paired(d)  # t(0.975, 2) = 4.30: wide with 3 seeds
+    rows["joint_lpd"] = [{"dice": 0.69}, {"dice": 0.8}, {"dice": 0.91}]
+    assert "> 0" in module.format_paired(module.paired(rows))
 
 
 @pytest.mark.parametrize("field, value, error", [
