@@ -60,9 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="joint routes: epochs of pretraining R on MSE and the U-Net on clean "
                         "images before the joint stage (default --epochs; 0: from scratch)")
     p.add_argument("--joint-lr", type=float, default=None,
-                   help="learning rate of the joint stage (default --lr)")
+                   help="learning rate of the joint stage after pretraining (default --lr / 10: "
+                        "a fine-tuning of the two pretrained networks)")
     p.add_argument("--C", type=float, default=0.5, help="task weight of the joint routes")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--hoag-iter", type=int, default=8)
     p.add_argument("--hoag-samples", type=int, default=8, help="training images HOAG sees")
     p.add_argument("--no-sweep", action="store_true")

@@ -49,7 +49,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="joint routes: pretrain the reconstructor on MSE and the U-Net on clean "
                         "images for this many epochs each, then train jointly (0: from scratch)")
     p.add_argument("--joint-lr", type=float, default=None,
-                   help="learning rate of the joint stage after pretraining (default --lr)")
+                   help="learning rate of the joint stage after pretraining (default --lr / 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="checkpoint folder (default runs/joint/<route>)")

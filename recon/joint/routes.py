@@ -137,7 +137,8 @@ def run_route(route: str, operator: Any, train: Mapping[str, Tensor], config: Jo
     Joint routes with ``config.pretrain_epochs > 0`` follow task-adapted reconstruction: stage
     ``pretrain_reconstruct`` trains ``R_φ`` on the MSE, stage ``pretrain_segment`` ``S_ψ`` on the
     clean images (``pretrain_epochs`` each), then stage ``joint`` trains both on
-    ``(1 − C)·MSE + C·task`` for ``config.epochs`` at ``config.joint_lr``. Multi-stage routes
+    ``(1 − C)·MSE + C·task`` for ``config.epochs`` at ``config.joint_lr`` (default
+    ``config.lr / 10``). Multi-stage routes
     write each stage under its own sub-folder of ``out_dir`` and resume in the stage where they
     stopped."""
     if route not in ROUTES:
@@ -188,7 +189,7 @@ def _pretrained_joint(route, rec, seg, train, config, C, out, resume, meta):
                 **pre)
     net = JointNet(rec, seg)
     r3 = _stage(net, JointLoss(seg, C), train, config, f"{route}/joint", _sub(out, "joint"),
-                resume, meta, False, lr=config.joint_lr or config.lr)
+                resume, meta, False, lr=config.joint_lr or 0.1 * config.lr)
     return net, {"train_seconds": r1.seconds + r2.seconds + r3.seconds,
                  "history": r1.history + r2.history + r3.history,
                  "stages": {"pretrain_reconstruct": r1.history, "pretrain_segment": r2.history,
