@@ -7,7 +7,10 @@ these routes, each over ``--seeds`` seeds (weights and sample order; the data ar
 * ``sequential``  LPD trained on MSE, then the U-Net on its frozen outputs (floor);
 * ``joint_lpd``, ``joint_lspd``, ``joint_sklspd``: reconstructor pretrained on the MSE and U-Net
   pretrained on the clean images (``--pretrain-epochs``, default ``--epochs``; 0 trains from
-  scratch), then both trained together on ``(1 − C)·MSE + C·(CE + Dice)``;
+  scratch), then both trained together on ``(1 − C)·MSE + C·(CE + Dice)`` (at ``--joint-lr``,
+  default ``--lr``/10: a fine-tuning). Every network trains as many epochs in every route:
+  with pretraining, ``clean`` and both stages of ``sequential`` train
+  ``--pretrain-epochs + --epochs`` epochs, as each network of a joint route does;
 * ``tv_mse``, ``tv_task``: smoothed-TV CT (``recon.problems.VariationalCT``, Newton-CG from the
   FBP) with θ learned by HOAG for MSE / for the segmentation loss of the clean U-Net of the same
   seed, scored with that U-Net.
@@ -84,8 +87,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _config(args, seed: int) -> JointConfig:
-    return JointConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed,
+def _config(args, seed: int, route: str = "joint_lpd") -> JointConfig:
+    """The route's training configuration. Every network gets the same number of epochs: a
+    joint route trains each of its two networks ``pretrain_epochs + epochs`` epochs
+    (pretraining, then the joint stage), so ``clean`` and both stages of ``sequential`` train
+    that long too (else the comparison would favour the joint routes by budget alone)."""
+    epochs = args.epochs
+    if route in ("clean", "sequential") and args.pretrain_epochs > 0:
+        epochs = args.pretrain_epochs + args.epochs
+    return JointConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=seed,
                        pretrain_epochs=args.pretrain_epochs, joint_lr=args.joint_lr)
 
 
@@ -155,8 +165,8 @@ def run_routes(args, operator, train, test, options) -> tuple[dict, dict, dict]:
     """Every route over every seed: (rows, first-seed outputs for the PNG, clean U-Nets)."""
     rows, samples, clean_nets = {r: [] for r in ROUTES}, {}, {}
     for seed in range(args.seeds):
-        config = _config(args, seed)
         for route in ROUTES:
+            config = _config(args, seed, route)
             net, info = run_route(route, operator, train, config, options, C=args.C)
             rows[route].append(_scores(evaluate_net(net, test), info["train_seconds"]))
             rows[route][-1]["history"] = [{k: r[k] for k in ("epoch", "loss")}
@@ -170,14 +180,14 @@ def run_routes(args, operator, train, test, options) -> tuple[dict, dict, dict]:
 
 def run_sweep(args, operator, train, test, options, rows) -> dict:
     """Joint LSPD over C (first seed); C = 0 is the sequential route with LSPD."""
-    config = _config(args, 0)
     sweep = {}
     for C in SWEEP:
         if C == args.C:
             sweep[C] = rows["joint_lspd"][0]
             continue
         route = "sequential" if C == 0.0 else "joint_lspd"
-        net, info = run_route(route, operator, train, config, options, C=C, reconstructor="lspd")
+        net, info = run_route(route, operator, train, _config(args, 0, route), options, C=C,
+                              reconstructor="lspd")
         sweep[C] = _scores(evaluate_net(net, test), info["train_seconds"])
     return sweep
 
