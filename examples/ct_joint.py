@@ -22,7 +22,7 @@ side by side, and the paired Dice differences route − sequential over the seed
 same data) with their 95 % t-intervals. Writes ``table.json``, ``samples.png`` and
 ``loss_curves.png`` under ``--out``.
 
-    python examples/ct_joint.py            # the table (about 30 min on 2 cores)
+    python examples/ct_joint.py            # the table, 5 seeds (about 25 min on one thread)
     python examples/ct_joint.py --quick    # smoke run, < 1 minute, in runs/quick/
 """
 from __future__ import annotations
