@@ -156,8 +156,9 @@ def run_noise_level(network: nn.Module, train: Mapping[str, Tensor], test: Mappi
         if stage is None:
             x, net, extra = compute()
             logits = predict(net, f32(x))
+            # copies, not views: a saved view would hold the whole test batch
             stage = {"row": _row(name, score(logits, test["label"]), **extra),
-                     "x": x[:4].float(), "logits": logits[:4]}
+                     "x": x[:4].float().clone(), "logits": logits[:4].clone()}
             if on_stage is not None:
                 on_stage(name, stage)
         rows.append(stage["row"])
