@@ -9,10 +9,11 @@ For a pretrained task network ``T*`` and noisy images ``y = x + σn`` the rows a
   ``L``), the inner problem and CG solved to the relative tolerance ``τ``;
 * ``TV, task-learned θ + fine-tuned T``: the same with the selected layers ``φ`` of ``T``
   stepped by Adam in the same loop, scored with ``T_φ(x̂(θ))``;
-* optionally ``FoE (625 θ), MSE-learned θ`` and ``FoE (625 θ), task-learned θ``: the same two
+* optionally ``FoE (N θ), MSE-learned θ`` and ``FoE (N θ), task-learned θ``: the same two
   upper losses with the many-parameter lower level
-  :class:`recon.learned_experts.LearnedFieldOfExperts` (24 learned 5×5 filters, one weight
-  each, and the smoothing: ``K·s² + K + 1 = 625`` hyperparameters) in place of TV.
+  :class:`recon.learned_experts.LearnedFieldOfExperts` (``K`` learned ``s×s`` filters, one
+  weight each, and the smoothing: ``N = K·s² + K + 1`` hyperparameters, 81 for the examples'
+  8 filters of 3×3) in place of TV.
 
 The task routes start where the MSE route ended (the loop then descends the task loss from
 ``θ_mse``): started at :data:`THETA0` instead, the task loss's slope toward *less* smoothing at
@@ -90,7 +91,8 @@ def learn_theta(outer: nn.Module, train: Mapping[str, Tensor], rel_tol: float, m
     :data:`BOUNDS`) with the upper loss ``outer`` from ``start`` (default :func:`theta0`), the
     inner and CG accuracy fixed at the relative ``rel_tol`` (as the reference fixes its inner
     tolerance); returns ``(Result, seconds)``. The loop runs to its own stop (``success``:
-    ``‖G(g)‖ ≤ gtol·‖G(g₀)‖``, :data:`GTOL`) or to ``max_iter``. ``train`` holds ``"y"`` (noisy), ``"image"`` and ``"label"``."""
+    ``‖G(g)‖ ≤ gtol·‖G(g₀)‖``, :data:`GTOL`) or to ``max_iter``. ``train`` holds ``"y"``
+    (noisy), ``"image"`` and ``"label"``."""
     th0 = theta0(train["y"].dtype) if start is None else {k: v.detach().clone() for k, v in start.items()}
     # relative accuracies (inner: to max_b‖∇ₓΦ_b(x⁰)‖, CG: to ‖(∇ₓℓ)_b‖), held at rel_tol
     loop = QuasiNewton(inner or TVDenoising(), outer, tol0=rel_tol, tol_min=rel_tol,
@@ -187,13 +189,18 @@ def run_noise_level(network: nn.Module, train: Mapping[str, Tensor], test: Mappi
             return x, tuned.eval(), extra
         add(f"TV, task-learned θ + fine-tuned T (tol {tol:g})", tuned_route)
     if experts is not None:
-        name = f"FoE ({experts_size(experts)} θ)"
-        start = experts_theta0(theta_mse, experts, train["y"].dtype)
-        foe_mse = _theta(add(f"{name}, MSE-learned θ", lambda: route(
-            MSEToTarget(), tol, start, inner=experts, bounds=EXPERTS_BOUNDS)), train["y"].dtype)
-        add(f"{name}, task-learned θ (tol {tol:g})", lambda: route(
-            task_outer(), tol, foe_mse, inner=experts, bounds=EXPERTS_BOUNDS))
+        _experts_rows(add, route, task_outer, experts, theta_mse, tol)
     return rows, images
+
+
+def _experts_rows(add, route, task_outer, experts, theta_mse, tol) -> None:
+    """The two field-of-experts rows of :func:`run_noise_level` (MSE, then task from it)."""
+    name, dtype = f"FoE ({experts_size(experts)} θ)", theta_mse["log_weight"].dtype
+    start = experts_theta0(theta_mse, experts, dtype)
+    foe_mse = _theta(add(f"{name}, MSE-learned θ", lambda: route(
+        MSEToTarget(), tol, start, inner=experts, bounds=EXPERTS_BOUNDS)), dtype)
+    add(f"{name}, task-learned θ (tol {tol:g})", lambda: route(
+        task_outer(), tol, foe_mse, inner=experts, bounds=EXPERTS_BOUNDS))
 
 
 def experts_size(inner: LearnedFieldOfExperts) -> int:
