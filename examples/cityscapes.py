@@ -1,7 +1,8 @@
 """Task-adapted TV denoising for segmentation: Cityscapes (the reference's Table 3.3).
 
-    PYTHONPATH=. python examples/cityscapes.py                          # stand-in: σ = 0.3, 3 seeds
-    PYTHONPATH=. python examples/cityscapes.py --experts                # + field-of-experts rows
+    PYTHONPATH=. python examples/cityscapes.py                          # stand-in: σ = 0.3, 2 seeds
+    PYTHONPATH=. python examples/cityscapes.py --seeds 3                # the measured table
+    PYTHONPATH=. python examples/cityscapes.py --seeds 3 --experts      # + field-of-experts rows
     PYTHONPATH=. python examples/cityscapes.py --sigmas 0.1 0.2 0.3 --seeds 1
     PYTHONPATH=. python examples/cityscapes.py --quick                  # smoke run, < 1 minute
     PYTHONPATH=. python examples/cityscapes.py --root /data/cityscapes --epochs 30
