@@ -18,7 +18,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -26,13 +26,20 @@ from ..scripts import SMOKE_RUN, help_parser
 from ..checkpoint import check_resume, load_checkpoint, plain_state, save_checkpoint
 from ..io import atomic_write
 from .cli import data_settings, task_loss, task_scores
+from ..learned_experts import LearnedFieldOfExperts
 from .data import default_network_config, load_task_data
 from .experiment import run_noise_level
+from .summary import (comparisons, format_interval, format_intervals, format_table, gap_intervals,
+                      gap_recovered, mean_rows, paired_differences)
 from .pretrain import (build_task_network, check_pretraining_resume, pretrain,
                        pretraining_settings)
 
-__all__ = ["run_example", "parse_args", "format_table", "gap_recovered"]
+__all__ = ["run_example", "parse_args", "format_table", "gap_recovered", "summary_text"]
 
+#: the field of experts of ``--experts``: 8 filters of 3×3 (8·9 + 8 + 1 = 81 hyperparameters);
+#: 24 filters of 5×5 (625) cost 0.8 s per Hessian-vector product on 100 scenes of 64² (one
+#: thread), too slow for the examples' time budget
+EXPERTS = (8, 3)
 FINETUNE = {"unet": ["up2", "up3", "outc"], "resnet18": ["layer4", "fc"], "resnet50": ["layer4.2", "fc"]}
 
 
@@ -48,13 +55,26 @@ def parse_args(source: str, argv: Optional[Sequence[str]], doc: str) -> argparse
     ap = help_parser(doc)
     ap.add_argument("--root", default=None, help=f"local {source} copy (default: the stand-in)")
     ap.add_argument("--sigmas", type=positive, nargs="+", default=None,
-                    help="noise levels (default 0.1 0.2 0.3; --quick: 0.3)")
+                    help="noise levels (default 0.3, the highest of the reference's; --quick: 0.3)")
     ap.add_argument("--n-train", type=pos, default=None, help="images θ is learned on (100; --quick: 8)")
     ap.add_argument("--n-test", type=pos, default=None,
                     help="held-out images every row is scored on (500; --quick: 32)")
     ap.add_argument("--n-pretrain", type=pos, default=None, help="clean images T* is trained on")
     ap.add_argument("--epochs", type=nonneg, default=None, help="pretraining epochs")
-    ap.add_argument("--iters", type=pos, default=None, help="HOAG outer iterations per route (10; --quick: 3)")
+    ap.add_argument("--iters", type=pos, default=None,
+                    help="cap on the outer (QuasiNewton) iterations of a route; a loop that stops "
+                         "at the cap is marked not converged (100; --quick: 3)")
+    ap.add_argument("--seeds", type=pos, default=None,
+                    help="seeds 0..S-1: each redraws the training images, the generated test "
+                         "scenes and both noise draws; paired differences get 95 %% t-intervals "
+                         "(segmentation 2, classification 3, so that a default run takes under 15 minutes "
+                         "on 2 CPU cores; --quick: 1)")
+    ap.add_argument("--experts", action="store_true",
+                    help="two more rows: a learned field of experts (recon.learned_experts, 8 "
+                         "learned 3x3 filters: 81 hyperparameters) learned for the MSE and for "
+                         "the task; a rerun of a finished run with --experts adds only these rows")
+    ap.add_argument("--experts-iters", type=pos, default=20,
+                    help="cap on the outer iterations of each field-of-experts route (20)")
     ap.add_argument("--tolerances", type=float_in(0.0, 1.0, strict_low=True, strict_high=True),
                     nargs="+", default=[1e-3, 1e-5])
     ap.add_argument("--finetune-lr", type=positive, default=1e-4, help="Adam step of the fine-tuned layers")
@@ -106,17 +126,19 @@ def _check_resumes(task: str, source: str, cfg, args) -> "Stages":
     return Stages(args.out / "stages.pt", {
         "task": task, "source": source, "root": args.root, "sigmas": args.sigmas,
         "n_train": args.n_train, "n_test": args.n_test, "iters": args.iters,
-        "tolerances": args.tolerances, "finetune_lr": args.finetune_lr, "network": cfg},
+        "tolerances": args.tolerances, "finetune_lr": args.finetune_lr, "network": cfg,
+        "experts_iters": args.experts_iters},
         args.restart)
 
 
-def _splits(task, source, args):
+def _splits(task, source, args, seed: int = 0):
+    """The training images θ is learned on and the held-out test images of seed ``seed``."""
     train_all = load_task_data(task, source, "train", None if source != "standin" or task != "segmentation"
-                               else args.n_train, root=args.root, seed=7)
-    g = torch.Generator().manual_seed(7)
+                               else args.n_train, root=args.root, seed=7 + seed)
+    g = torch.Generator().manual_seed(7 + seed)
     pick = torch.randperm(len(train_all["label"]), generator=g)[:args.n_train]
     train = {k: v[pick] for k, v in train_all.items()}
-    test = load_task_data(task, source, "test", args.n_test, root=args.root)
+    test = load_task_data(task, source, "test", args.n_test, root=args.root, seed=seed)
     n = min(args.n_test, len(test["label"]))
     return train, {k: v[:n] for k, v in test.items()}
 
@@ -157,14 +179,19 @@ class Stages:
                               "another --out, or --restart")
         self.settings["network_sha256"] = digest
 
-    def of(self, sigma: float) -> Dict[str, Any]:
-        """The finished stages of noise level ``sigma`` by route."""
-        prefix = f"sigma {sigma:g}: "
+    @staticmethod
+    def prefix(sigma: float, seed: int = 0) -> str:
+        """``"sigma 0.3: "`` (seed 0) or ``"seed 2, sigma 0.3: "``: how a stage name starts."""
+        return f"sigma {sigma:g}: " if seed == 0 else f"seed {seed}, sigma {sigma:g}: "
+
+    def of(self, sigma: float, seed: int = 0) -> Dict[str, Any]:
+        """The finished stages of noise level ``sigma`` and seed ``seed`` by route."""
+        prefix = self.prefix(sigma, seed)
         return {k[len(prefix):]: v for k, v in self.done.items() if k.startswith(prefix)}
 
-    def add(self, sigma: float, route: str, stage: Dict[str, Any]) -> str:
+    def add(self, sigma: float, route: str, stage: Dict[str, Any], seed: int = 0) -> str:
         """Record a finished stage (and write the file); returns its name."""
-        name = f"sigma {sigma:g}: {route}"
+        name = self.prefix(sigma, seed) + route
         self.done[name] = stage
         save_checkpoint({"settings": self.settings, "done": self.done}, self.path)
         return name
@@ -176,30 +203,19 @@ def _noisy(data: Dict[str, torch.Tensor], sigma: float, seed: int) -> Dict[str, 
     return {"image": clean, "label": data["label"], "y": add_gaussian_noise(clean, sigma, seed)}
 
 
-def gap_recovered(rows: List[Dict[str, Any]], metric: str, route: str) -> float:
-    """``(m_route − m_noisy) / (m_clean − m_noisy)``: the fraction of the clean-minus-noisy gap of
-    the task metric ``m`` that a route recovers (1: as good as clean images)."""
-    m = {r["route"]: r[metric] for r in rows}
-    gap = m["T* on clean"] - m["T* on noisy"]
-    return float("nan") if gap == 0 else (m[route] - m["T* on noisy"]) / gap
-
-
-def format_table(results: Dict[str, List[Dict[str, Any]]], metrics: Sequence[str]) -> str:
-    """Rows = routes, columns = metric per noise level (the reference's table layout)."""
-    sigmas = list(results)
-    routes = [r["route"] for r in results[sigmas[0]]]
-    head = f"{'':<48}" + "".join(f"{f'{m} σ={s}':>14}" for s in sigmas for m in metrics)
-    lines = [head]
-    for i, route in enumerate(routes):
-        lines.append(f"{route:<48}" + "".join(f"{results[s][i][m]:>14.4f}" for s in sigmas for m in metrics))
-    return "\n".join(lines)
-
-
 def summary_text(out: Dict[str, Any], metric: str) -> str:
-    """An example's table, the fraction of the clean-minus-noisy ``metric`` gap each route
-    recovers at the highest σ, and where the results were written (text to print)."""
-    lines = [*out["args"].get("notes", []), out["table"], f"fraction of the clean-minus-noisy {metric} gap recovered at the highest σ:"]
-    lines += [f"  {route:<48}{frac:>8.2f}" for route, frac in out["gap_recovered_at_highest_sigma"].items()]
+    """An example's table, the paired differences of the task metric at the highest σ, the
+    fraction of the clean-minus-noisy ``metric`` gap each route recovers there (mean over the
+    seeds, with its 95 % interval), and where the results were written (text to print)."""
+    top = str(out["args"]["sigmas"][-1])
+    iv = (out.get("intervals") or {}).get(top, {})
+    lines = [*out["args"].get("notes", []), out["table"]]
+    if iv.get("differences"):
+        lines += format_intervals(iv["differences"], metric, top)
+    lines.append(f"fraction of the clean-minus-noisy {metric} gap recovered at the highest σ:")
+    for route, frac in out["gap_recovered_at_highest_sigma"].items():
+        gap = iv.get("gaps", {}).get(route)
+        lines.append(f"  {route:<70} " + (format_interval(gap, 2) if gap and gap["n"] > 1 else f"{frac:.2f}"))
     lines.append(f"{out['seconds']:.0f} s; wrote {out['args']['out']}/table.json and samples_sigma*.png")
     if out["args"].get("quick"):
         lines.append(SMOKE_RUN)
@@ -214,8 +230,9 @@ def _prepare(task: str, source: str, argv, doc: str) -> argparse.Namespace:
     from bilevel.history import check_writable
 
     args = parse_args(source, argv, doc or __doc__)
-    defaults = (dict(sigmas=[0.3], n_train=8, n_test=32, iters=3, n_pretrain=96, epochs=1)
-                if args.quick else dict(sigmas=[0.1, 0.2, 0.3], n_train=100, n_test=500, iters=10))
+    defaults = (dict(sigmas=[0.3], n_train=8, n_test=32, iters=3, n_pretrain=96, epochs=1, seeds=1)
+                if args.quick else dict(sigmas=[0.3], n_train=100, n_test=500, iters=100,
+                                        seeds=2 if task == "segmentation" else 3))
     for key, value in defaults.items():  # an option given on the command line is kept
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -245,40 +262,62 @@ def run_example(task: str, source: str, argv: Optional[Sequence[str]] = None,
     progress, t0 = not args.no_progress, time.perf_counter()
     cfg = _network_config(task, source, args)
     stages = _check_resumes(task, source, cfg, args)
-    train, test = _splits(task, source, args)  # data errors before minutes of pretraining
+    _splits(task, source, args)  # data errors before minutes of pretraining
     net, info = _pretrained(task, source, cfg, args, progress, on_stage)
     stages.bind_network(network_digest(net))
+    experts = LearnedFieldOfExperts(*EXPERTS) if args.experts else None
+    per_seed = [_run_seed(seed, task, source, args, net, cfg, stages, experts, progress, on_stage)
+                for seed in range(args.seeds)]
+    return _finish(task, source, args, cfg, info, per_seed, stages.reused, t0)
+
+
+def _run_seed(seed, task, source, args, net, cfg, stages, experts, progress, on_stage):
+    """``{str(σ): rows}`` of one seed (its data, its noise; stages of earlier runs reused)."""
     k, loss = cfg["num_classes"], task_loss(task)
     score = lambda logits, labels: task_scores(task, logits, labels, k)  # noqa: E731
-    results, samples = {}, {}
+    train, test = _splits(task, source, args, seed)
+    results = {}
     for i, sigma in enumerate(args.sigmas):
         def finished(route, stage, sigma=sigma):
-            name = stages.add(sigma, route, stage)
+            name = stages.add(sigma, route, stage, seed)
             if on_stage is not None:
                 on_stage(name)
-        rows, imgs = run_noise_level(net, _noisy(train, sigma, 100 + i), _noisy(test, sigma, 200 + i),
+        rows, imgs = run_noise_level(net, _noisy(train, sigma, 100 + i + 1000 * seed),
+                                     _noisy(test, sigma, 200 + i + 1000 * seed),
                                      loss, score, finetune=FINETUNE[cfg["kind"]],
                                      tolerances=args.tolerances, max_iter=args.iters,
                                      finetune_lr=args.finetune_lr, progress=progress,
-                                     done=stages.of(sigma), on_stage=finished)
-        results[str(sigma)], samples[sigma] = rows, imgs
-        _write_json(args.out / "table.json", {"partial": True, "results": results})
-        _save_samples(args.out / f"samples_sigma{sigma:g}.png", imgs, test["label"][:4], task)
-    return _finish(task, source, args, cfg, info, results, stages.reused, t0)
+                                     done=stages.of(sigma, seed), on_stage=finished,
+                                     experts=experts, experts_max_iter=args.experts_iters)
+        results[str(sigma)] = rows
+        _write_json(args.out / "table.json", {"partial": True, "seed": seed, "results": results})
+        if seed == 0:
+            _save_samples(args.out / f"samples_sigma{sigma:g}.png", imgs, test["label"][:4], task)
+    return results
 
 
-def _finish(task, source, args, cfg, info, results, reused, t0) -> Dict[str, Any]:
-    """The result dict (also written to ``OUT/table.json``) and the printed table."""
+def _finish(task, source, args, cfg, info, per_seed, reused, t0) -> Dict[str, Any]:
+    """The result dict (also written to ``OUT/table.json``) and the printed table: the rows
+    (means over the seeds), the per-seed rows, and per σ the paired differences and gap
+    fractions with their intervals (:mod:`recon.tasks.summary`)."""
     metrics = ["dice", "iou"] if task == "segmentation" else ["accuracy", "top5"]
-    table = format_table(results, metrics)
-    top = str(args.sigmas[-1])
+    sigmas = [str(s) for s in args.sigmas]
+    results = {s: mean_rows([seed[s] for seed in per_seed], metrics) for s in sigmas}
+    intervals = {}
+    for s in sigmas:
+        rows = [seed[s] for seed in per_seed]
+        pairs = comparisons([r["route"] for r in rows[0]])
+        intervals[s] = {"metric": metrics[0], "differences": paired_differences(rows, metrics[0], pairs),
+                        "gaps": gap_intervals(rows, metrics[0])}
+    top = sigmas[-1]
     out = {"task": task, "source": source, "network": cfg, "pretrain": info, "args": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "results": results, "seconds": time.perf_counter() - t0, "stages_reused": reused,
-        "gap_recovered_at_highest_sigma": {r["route"]: gap_recovered(results[top], metrics[0], r["route"])
-                                           for r in results[top][2:]}}
+        "gap_recovered_at_highest_sigma": {r: iv["mean"] for r, iv in intervals[top]["gaps"].items()},
+        "intervals": intervals,
+        "per_seed": per_seed if len(per_seed) > 1 else None}
     _write_json(args.out / "table.json", out)
-    return {**out, "table": table}
+    return {**out, "table": format_table(results, metrics)}
 
 
 def _write_json(path: Path, obj) -> None:

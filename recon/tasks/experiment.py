@@ -8,7 +8,12 @@ For a pretrained task network ``T*`` and noisy images ``y = x + σn`` the rows a
 * ``TV, task-learned θ (tol τ)``: ``θ_task = argmin_θ L(T*(x̂(θ)), s)`` (QuasiNewton, task loss
   ``L``), the inner problem and CG solved to the relative tolerance ``τ``;
 * ``TV, task-learned θ + fine-tuned T``: the same with the selected layers ``φ`` of ``T``
-  stepped by Adam in the same loop, scored with ``T_φ(x̂(θ))``.
+  stepped by Adam in the same loop, scored with ``T_φ(x̂(θ))``;
+* optionally ``FoE (N θ), MSE-learned θ`` and ``FoE (N θ), task-learned θ``: the same two
+  upper losses with the many-parameter lower level
+  :class:`recon.learned_experts.LearnedFieldOfExperts` (``K`` learned ``s×s`` filters, one
+  weight each, and the smoothing: ``N = K·s² + K + 1`` hyperparameters, 81 for the examples'
+  8 filters of 3×3) in place of TV.
 
 The task routes start where the MSE route ended (the loop then descends the task loss from
 ``θ_mse``): started at :data:`THETA0` instead, the task loss's slope toward *less* smoothing at
@@ -27,20 +32,30 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from bilevel import Bounds, QuasiNewton, solve_inner
+from bilevel import Bounds, InnerProblem, QuasiNewton, solve_inner
 
+from ..learned_experts import LearnedFieldOfExperts, initial_theta
 from ..losses import MSEToTarget
 from ..problems import TVDenoising
 from .losses import TaskLoss
 from .operator import TaskOperator
 from .pretrain import predict
 
-__all__ = ["THETA0", "BOUNDS", "relative_tolerance", "denoise", "learn_theta", "run_noise_level"]
+__all__ = ["THETA0", "BOUNDS", "GTOL", "FTOL", "EXPERTS_BOUNDS", "relative_tolerance", "denoise", "learn_theta",
+           "experts_theta0", "experts_size", "run_noise_level"]
 
 #: initial θ of every route: weight e^{-4} ≈ 0.018, smoothing e^{-4} ≈ 0.018
 THETA0 = {"log_weight": -4.0, "log_smoothing": -4.0}
 BOUNDS = Bounds(lower={"log_weight": -12.0, "log_smoothing": -12.0},
                 upper={"log_weight": 4.0, "log_smoothing": 2.0})
+#: the examples' stopping test: ``‖G(g)‖ ≤ GTOL·‖G(g₀)‖`` and a model decrease ≤ ``FTOL·(ℓ₀ − ℓ)``
+#: (:class:`bilevel.QuasiNewton`'s ``gtol``/``ftol``). Measured on the digit scenes at σ = 0.3,
+#: the task loss' projected hypergradient stalls near 10⁻³‖G(g₀)‖ at both inner tolerances (its
+#: value is flat to 10⁻⁶ there), so the library's default ``gtol = 10⁻⁶`` is never reached.
+GTOL, FTOL = 1e-3, 1e-4
+#: the box of the field-of-experts routes (the filters are free)
+EXPERTS_BOUNDS = Bounds(lower={"log_weights": -12.0, "log_smoothing": -12.0},
+                        upper={"log_weights": 4.0, "log_smoothing": 2.0})
 
 
 def theta0(dtype=torch.float64) -> Dict[str, Tensor]:
@@ -48,32 +63,41 @@ def theta0(dtype=torch.float64) -> Dict[str, Tensor]:
     return {k: torch.tensor(v, dtype=dtype) for k, v in THETA0.items()}
 
 
-def relative_tolerance(rel: float, theta: Mapping[str, Tensor], y: Tensor) -> float:
-    """``rel · max_b ‖∇ₓΦ_b(y_b; θ)‖``: an absolute inner tolerance from a relative one."""
-    g = TVDenoising().grad(y, dict(theta), {"y": y})
+def relative_tolerance(rel: float, theta: Mapping[str, Tensor], y: Tensor,
+                       inner: Optional[InnerProblem] = None) -> float:
+    """``rel · max_b ‖∇ₓΦ_b(y_b; θ)‖``: an absolute inner tolerance from a relative one
+    (``inner`` defaults to :class:`recon.problems.TVDenoising`)."""
+    g = (inner or TVDenoising()).grad(y, dict(theta), {"y": y})
     return float(rel * g.flatten(1).norm(dim=1).max())
 
 
-def denoise(theta: Mapping[str, Tensor], y: Tensor, rel_tol: float = 1e-5, chunk: int = 100) -> Tensor:
-    """``x̂(θ)`` for every image of ``y`` (TV denoising, solved to the relative ``rel_tol``)."""
-    inner, out = TVDenoising(), []
+def denoise(theta: Mapping[str, Tensor], y: Tensor, rel_tol: float = 1e-5, chunk: int = 100,
+            inner: Optional[InnerProblem] = None) -> Tensor:
+    """``x̂(θ)`` for every image of ``y`` (``inner``, default TV denoising, solved to the
+    relative ``rel_tol``)."""
+    inner, out = inner or TVDenoising(), []
     for i in range(0, len(y), chunk):
         yc = y[i:i + chunk]
-        out.append(solve_inner(inner, dict(theta), {"y": yc}, tol=relative_tolerance(rel_tol, theta, yc)).x)
+        tol = relative_tolerance(rel_tol, theta, yc, inner)
+        out.append(solve_inner(inner, dict(theta), {"y": yc}, tol=tol).x)
     return torch.cat(out)
 
 
 def learn_theta(outer: nn.Module, train: Mapping[str, Tensor], rel_tol: float, max_iter: int,
                 param_optimizer: Optional[torch.optim.Optimizer] = None, progress: bool = False,
-                start: Optional[Mapping[str, Tensor]] = None):
-    """:class:`bilevel.QuasiNewton` on ``TVDenoising`` with the upper loss ``outer`` from
-    ``start`` (default :func:`theta0`), the inner and CG accuracy fixed at the relative
-    ``rel_tol`` (as the reference fixes its inner tolerance); returns ``(Result, seconds)``.
-    ``train`` holds ``"y"`` (noisy), ``"image"`` and ``"label"``."""
+                start: Optional[Mapping[str, Tensor]] = None, inner: Optional[InnerProblem] = None,
+                bounds: Optional[Bounds] = BOUNDS, gtol: float = GTOL, ftol: float = FTOL):
+    """:class:`bilevel.QuasiNewton` on ``inner`` (default ``TVDenoising`` in the box
+    :data:`BOUNDS`) with the upper loss ``outer`` from ``start`` (default :func:`theta0`), the
+    inner and CG accuracy fixed at the relative ``rel_tol`` (as the reference fixes its inner
+    tolerance); returns ``(Result, seconds)``. The loop runs to its own stop (``success``:
+    ``‖G(g)‖ ≤ gtol·‖G(g₀)‖``, :data:`GTOL`) or to ``max_iter``. ``train`` holds ``"y"``
+    (noisy), ``"image"`` and ``"label"``."""
     th0 = theta0(train["y"].dtype) if start is None else {k: v.detach().clone() for k, v in start.items()}
     # relative accuracies (inner: to max_b‖∇ₓΦ_b(x⁰)‖, CG: to ‖(∇ₓℓ)_b‖), held at rel_tol
-    loop = QuasiNewton(TVDenoising(), outer, tol0=rel_tol, tol_min=rel_tol, max_iter=max_iter,
-                       bounds=BOUNDS, param_optimizer=param_optimizer, progress=progress)
+    loop = QuasiNewton(inner or TVDenoising(), outer, tol0=rel_tol, tol_min=rel_tol,
+                       max_iter=max_iter, bounds=bounds, param_optimizer=param_optimizer,
+                       progress=progress, gtol=gtol, ftol=ftol)
     t0 = time.perf_counter()
     res = loop.run(th0, dict(train))
     return res, time.perf_counter() - t0
@@ -82,11 +106,25 @@ def learn_theta(outer: nn.Module, train: Mapping[str, Tensor], rel_tol: float, m
 def _row(name: str, scores: Mapping[str, float], theta=None, res=None, seconds=None) -> Dict[str, Any]:
     row = {"route": name, **scores}
     if theta is not None:
-        row["theta"] = {k: float(v) for k, v in theta.items()}
+        row["theta"] = {k: float(v) if v.numel() == 1 else v.detach().tolist()
+                        for k, v in theta.items()}
     if res is not None:
         row.update(hoag_iterations=res.n_iter, hoag_message=res.message, converged=res.success,
                    seconds=round(seconds, 2))
     return row
+
+
+def experts_theta0(theta_tv: Mapping[str, Any], inner: LearnedFieldOfExperts,
+                   dtype=torch.float64) -> Dict[str, Tensor]:
+    """θ₀ of the field-of-experts routes: the unit DCT atoms of :func:`recon.learned_experts.
+    initial_theta`, every ``log w_k = log w_TV − 2`` (``w_TV`` the MSE-learned TV weight: the
+    K atoms together respond several times more strongly to an edge than ``|∇x|``) and
+    ``log ε = −4``."""
+    th = initial_theta(inner.filter_size, log_weight=float(theta_tv["log_weight"]) - 2.0,
+                       log_smoothing=-4.0, dtype=dtype)
+    th["filters"] = th["filters"][:inner.n_filters]
+    th["log_weights"] = th["log_weights"][:inner.n_filters]
+    return th
 
 
 def run_noise_level(network: nn.Module, train: Mapping[str, Tensor], test: Mapping[str, Tensor],
@@ -94,7 +132,9 @@ def run_noise_level(network: nn.Module, train: Mapping[str, Tensor], test: Mappi
                     finetune: Sequence[str] = (), tolerances: Sequence[float] = (1e-3, 1e-5),
                     max_iter: int = 20, finetune_lr: float = 1e-3, progress: bool = False,
                     done: Optional[Mapping[str, Mapping[str, Any]]] = None,
-                    on_stage: Optional[Callable[[str, Dict[str, Any]], None]] = None):
+                    on_stage: Optional[Callable[[str, Dict[str, Any]], None]] = None,
+                    experts: Optional[LearnedFieldOfExperts] = None,
+                    experts_max_iter: Optional[int] = None):
     """All rows (module docstring) for one noise level; ``train``/``test`` hold ``"image"``,
     ``"label"`` and the noisy ``"y"`` (float64). Returns ``(rows, images)`` where ``images``
     maps a route to the test images its task network saw and that network's logits.
@@ -103,42 +143,71 @@ def run_noise_level(network: nn.Module, train: Mapping[str, Tensor], test: Mappi
     ``stage = {"row": row, "x": 4 test images, "logits": their logits}``, and a route found in
     ``done`` (such stages of an earlier, interrupted run) is taken from there instead of being
     computed again; the task routes then start from the finished MSE route's θ, so a resumed
-    noise level gives the rows of an uninterrupted one."""
+    noise level gives the rows of an uninterrupted one. With ``experts`` (a
+    :class:`recon.learned_experts.LearnedFieldOfExperts`) two more rows: that regularizer's θ
+    learned for the MSE (from :func:`experts_theta0`) and then for the task (from the MSE θ),
+    at the tightest tolerance, each capped at ``experts_max_iter`` (default ``max_iter``)
+    outer iterations."""
     network.eval()
     f32 = lambda t: t.to(next(network.parameters()).dtype)  # noqa: E731
     rows, images, done = [], {}, dict(done or {})
+    tol = min(tolerances)
 
     def add(name, compute):
         stage = done.get(name)
         if stage is None:
             x, net, extra = compute()
             logits = predict(net, f32(x))
+            # copies, not views: a saved view would hold the whole test batch
             stage = {"row": _row(name, score(logits, test["label"]), **extra),
-                     "x": x[:4].float(), "logits": logits[:4]}
+                     "x": x[:4].float().clone(), "logits": logits[:4].clone()}
             if on_stage is not None:
                 on_stage(name, stage)
         rows.append(stage["row"])
         images[name] = (stage["x"], stage["logits"])
         return stage["row"]
 
-    def route(outer, tol, start=None, param_optimizer=None, net=network):
-        res, sec = learn_theta(outer, train, tol, max_iter, param_optimizer=param_optimizer,
-                               progress=progress, start=start)
-        return denoise(res.theta, test["y"], tol), net, dict(theta=res.theta, res=res, seconds=sec)
+    def route(outer, tol, start=None, param_optimizer=None, net=network, inner=None, bounds=BOUNDS):
+        cap = max_iter if inner is None else (experts_max_iter or max_iter)
+        res, sec = learn_theta(outer, train, tol, cap, param_optimizer=param_optimizer,
+                               progress=progress, start=start, inner=inner, bounds=bounds)
+        x = denoise(res.theta, test["y"], tol, inner=inner)
+        return x, net, dict(theta=res.theta, res=res, seconds=sec)
 
+    task_outer = lambda: TaskLoss(TaskOperator(network), loss)  # noqa: E731
     add("T* on clean", lambda: (test["image"], network, {}))
     add("T* on noisy", lambda: (test["y"], network, {}))
-    mse = add("TV, MSE-learned θ", lambda: route(MSEToTarget(), min(tolerances)))
-    theta_mse = {k: torch.tensor(v, dtype=train["y"].dtype) for k, v in mse["theta"].items()}
-    for tol in tolerances:
-        add(f"TV, task-learned θ (tol {tol:g})",
-            lambda: route(TaskLoss(TaskOperator(network), loss), tol, theta_mse))
+    theta_mse = _theta(add("TV, MSE-learned θ", lambda: route(MSEToTarget(), tol)), train["y"].dtype)
+    for t in tolerances:
+        add(f"TV, task-learned θ (tol {t:g})", lambda: route(task_outer(), t, theta_mse))
     if finetune:
         def tuned_route():
             tuned = TaskOperator(copy.deepcopy(network), finetune=list(finetune))
             outer = TaskLoss(tuned, loss)
             opt = torch.optim.Adam(outer.trainable_parameters().values(), lr=finetune_lr)
-            x, _, extra = route(outer, min(tolerances), theta_mse, opt)
+            x, _, extra = route(outer, tol, theta_mse, opt)
             return x, tuned.eval(), extra
-        add(f"TV, task-learned θ + fine-tuned T (tol {min(tolerances):g})", tuned_route)
+        add(f"TV, task-learned θ + fine-tuned T (tol {tol:g})", tuned_route)
+    if experts is not None:
+        _experts_rows(add, route, task_outer, experts, theta_mse, tol)
     return rows, images
+
+
+def _experts_rows(add, route, task_outer, experts, theta_mse, tol) -> None:
+    """The two field-of-experts rows of :func:`run_noise_level` (MSE, then task from it)."""
+    name, dtype = f"FoE ({experts_size(experts)} θ)", theta_mse["log_weight"].dtype
+    start = experts_theta0(theta_mse, experts, dtype)
+    foe_mse = _theta(add(f"{name}, MSE-learned θ", lambda: route(
+        MSEToTarget(), tol, start, inner=experts, bounds=EXPERTS_BOUNDS)), dtype)
+    add(f"{name}, task-learned θ (tol {tol:g})", lambda: route(
+        task_outer(), tol, foe_mse, inner=experts, bounds=EXPERTS_BOUNDS))
+
+
+def experts_size(inner: LearnedFieldOfExperts) -> int:
+    """``K·s² + K + 1``: the number of hyperparameters of a learned field of experts."""
+    return inner.n_filters * inner.filter_size ** 2 + inner.n_filters + 1
+
+
+def _theta(row: Mapping[str, Any], dtype) -> Dict[str, Tensor]:
+    """A row's θ as tensors (the start of the routes that follow it)."""
+    return {k: torch.tensor(v, dtype=dtype) for k, v in row["theta"].items()}

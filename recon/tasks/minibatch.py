@@ -93,7 +93,7 @@ def add_minibatch_route(out: Dict[str, Any], epochs: int = 2, batch_size: int = 
     rewrites ``table.json`` and returns ``out`` with the new table."""
     from ..data.standins import add_gaussian_noise
     from .cli import task_loss, task_scores
-    from .example import format_table, gap_recovered
+    from .summary import format_table, gap_recovered
     from .losses import TaskLoss
     from .operator import TaskOperator
     from .pretrain import load_task_network, predict
@@ -106,7 +106,8 @@ def add_minibatch_route(out: Dict[str, Any], epochs: int = 2, batch_size: int = 
     out_dir = Path(args["out"])
     for i, sigma in enumerate(args["sigmas"]):
         rows = out["results"][str(sigma)]
-        start = next(r["theta"] for r in rows if r["route"] == "TV, MSE-learned θ")
+        mse = next(r for r in rows if r["route"] == "TV, MSE-learned θ")
+        start = mse.get("theta") or mse["theta_per_seed"][0]  # several seeds: seed 0's θ
         train = NoisyImages(task_dataset(task, source, "train", args["root"]), sigma, seed=100 + i)
         res, sec = learn_theta_minibatch(
             TaskLoss(TaskOperator(net), task_loss(task)), train,
