@@ -270,7 +270,7 @@ def save_loss_curves(path: Path, rows: dict) -> None:
             ax.plot([h["loss"] for h in run["history"]], lw=1, label=f"seed {seed}")
         ax.set(title=route, xlabel="epoch (all stages)", yscale="log")
     axes[0][0].set_ylabel("training loss")
-    axes[0][0].legend(fontsize=7)
+    axes[0][0].legend(fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
