@@ -93,7 +93,7 @@ def test_example_quick_runs(script, tmp_path, capsys):
     assert os.path.getsize(tmp_path / "samples_sigma0.3.png") > 0
     assert "T* on noisy" in capsys.readouterr().out
     # the stage file keeps copies of the 4 sample images and logits, not views of the test batch
-    for stage in torch.load(tmp_path / "stages.pt", weights_only=False)["done"].values():
+    for stage in torch.load(tmp_path / "stages.pt", weights_only=True)["done"].values():
         for key in ("x", "logits"):
             t = stage[key]
             assert len(t) == 4 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
