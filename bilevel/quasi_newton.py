@@ -52,7 +52,7 @@ so the hypergradient's error vanishes faster than the gradient, ``o(‖g‖)`` -
 under which inexact quasi-Newton methods keep their superlinear rate (Dennis & Moré; Ehrhardt
 & Roberts 2021, 2023: the hypergradient error is linear in the inner and CG residuals;
 Pedregosa 2016: summable accuracies). ``p = 2`` buys accuracy sooner than needed (on the
-benchmarks it cost 20–50 % more inner + CG iterations); with ``p = 1`` only the relative error
+benchmarks it cost 15–50 % more inner + CG iterations); with ``p = 1`` only the relative error
 stays bounded, and the loop needs more iterations. After a trial that cost no inner or CG
 iteration (a stale evaluation) ``ε`` is multiplied by ``tol_rate`` as well. Early iterations
 are cheap; accuracy is bought where the step test needs it.
