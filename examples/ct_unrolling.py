@@ -11,7 +11,7 @@ noise, scaled to peak 1 like the phantoms), and checks the targets.  ``--resume`
 the network that was training when a run stopped and trains the later ones.  Writes checkpoints,
 ``table.json`` and ``samples.png`` under ``--out``.
 
-    python examples/ct_unrolling.py                 # the measured table (about 26 min)
+    python examples/ct_unrolling.py                 # the table (about 6 min with --threads 2)
     python examples/ct_unrolling.py --quick         # smoke run, < 1 minute, in runs/quick/
     python examples/ct_unrolling.py --noise poisson # + low dose (I0 = 7e4)
 
