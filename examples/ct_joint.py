@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -44,6 +43,7 @@ from recon.joint import (JointConfig, JointLoss, JointNet, build_joint_data,  # 
                          default_model_options, evaluate_net, joint_gradients, learn_tv_theta,
                          predict, run_route, tv_reconstruct)
 from recon.scripts import SMOKE_RUN, apply_quick, help_parser  # noqa: E402
+from recon.tasks.summary import t_interval  # noqa: E402
 
 ROUTES = ("clean", "sequential", "joint_lpd", "joint_lspd", "joint_sklspd")
 SWEEP = (0.0, 0.1, 0.5, 0.9, 1.0)
@@ -100,14 +100,10 @@ def _config(args, seed: int, route: str = "joint_lpd") -> JointConfig:
 
 
 def ci95(values) -> tuple[float, float]:
-    """Mean and half-width of the 95 % Student-t interval of the mean (``nan`` for one value)."""
-    from scipy.stats import t
-
-    values = [float(v) for v in values]
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, float("nan")
-    return mean, float(t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
+    """Mean and half-width of the 95 % Student-t interval of the mean (``nan`` for one value;
+    :func:`recon.tasks.summary.t_interval`)."""
+    iv = t_interval(values)
+    return iv["mean"], iv["half_width"]
 
 
 def paired(rows: dict, base: str = "sequential", key: str = "dice") -> dict:
