@@ -22,7 +22,7 @@ side by side, and the paired Dice differences route − sequential over the seed
 same data) with their 95 % t-intervals. Writes ``table.json``, ``samples.png`` and
 ``loss_curves.png`` under ``--out``.
 
-    python examples/ct_joint.py            # the table, 5 seeds (about 25 min on one thread)
+    python examples/ct_joint.py            # the table, 5 seeds (about 12 min on 2 cores)
     python examples/ct_joint.py --quick    # smoke run, < 1 minute, in runs/quick/
 """
 from __future__ import annotations
@@ -40,8 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recon.joint import (JointConfig, JointLoss, JointNet, build_joint_data,  # noqa: E402
                          build_reconstructor, build_segmenter, default_joint_setup,
-                         default_model_options, evaluate_net, joint_gradients, learn_tv_theta,
-                         predict, run_route, tv_reconstruct)
+                         default_model_options, joint_gradients)
+from recon.joint.jobs import (JobPool, default_workers, routes_job, sweep_job,  # noqa: E402
+                              tv_mse_job, tv_task_job)
 from recon.scripts import SMOKE_RUN, apply_quick, help_parser  # noqa: E402
 from recon.tasks.summary import t_interval  # noqa: E402
 
@@ -71,7 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hoag-samples", type=int, default=8, help="training images HOAG sees")
     p.add_argument("--no-sweep", action="store_true")
     p.add_argument("--no-tv", action="store_true")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker process")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="worker processes that run the seeds, the sweep and the TV rows side by "
+                        "side (default: the usable cores; 1 runs everything in this process)")
     p.add_argument("--out", default="runs/ct_joint")
     p.add_argument("--quick", action="store_true",
                    help="tiny smoke run (< 1 minute) in runs/quick/ (its numbers are not meaningful)")
@@ -96,7 +100,8 @@ def _config(args, seed: int, route: str = "joint_lpd") -> JointConfig:
     if route in ("clean", "sequential") and args.pretrain_epochs > 0:
         epochs = args.pretrain_epochs + args.epochs
     return JointConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=seed,
-                       pretrain_epochs=args.pretrain_epochs, joint_lr=args.joint_lr)
+                       pretrain_epochs=args.pretrain_epochs, joint_lr=args.joint_lr,
+                       progress=args.workers == 1)  # workers print one line per finished job
 
 
 def ci95(values) -> tuple[float, float]:
@@ -133,11 +138,6 @@ def format_paired(diffs: dict, base: str = "sequential") -> str:
     return "\n".join(lines)
 
 
-def _scores(res: dict, seconds: float) -> dict:
-    out = {k: float(v.mean()) for k, v in res.items() if torch.is_tensor(v)}
-    return {**out, "infer_ms": res["infer_ms"], "train_s": seconds}
-
-
 def step_time_ratio(operator, train, options, batch_size, repeats=6) -> dict:
     """Median joint LSPD / joint LPD training-step seconds, interleaved on the same batch."""
     batch = {k: v[:batch_size] for k, v in train.items()}
@@ -157,63 +157,93 @@ def step_time_ratio(operator, train, options, batch_size, repeats=6) -> dict:
     return {"lpd_step_s": med["lpd"], "lspd_step_s": med["lspd"], "ratio": med["lspd"] / med["lpd"]}
 
 
-def run_routes(args, operator, train, test, options) -> tuple[dict, dict, dict]:
-    """Every route over every seed: (rows, first-seed outputs for the PNG, clean U-Nets)."""
-    rows, samples, clean_nets = {r: [] for r in ROUTES}, {}, {}
+def _jobs_total(args) -> int:
+    sweeps = 0 if args.no_sweep else sum(C != args.C for C in SWEEP)
+    return args.seeds + sweeps + (0 if args.no_tv else 1 + args.seeds)
+
+
+def _initial_jobs(args, options) -> list:
+    """``(tag, job, job arguments)`` of the jobs that need no other job's result."""
+    jobs = [] if args.no_tv else [(("TV MSE", None), tv_mse_job, (args.hoag_samples,
+                                                                  args.hoag_iter))]
     for seed in range(args.seeds):
-        for route in ROUTES:
-            config = _config(args, seed, route)
-            net, info = run_route(route, operator, train, config, options, C=args.C)
-            rows[route].append(_scores(evaluate_net(net, test), info["train_seconds"]))
-            rows[route][-1]["history"] = [{k: r[k] for k in ("epoch", "loss")}
-                                          for r in info.get("history", [])]
-            if route == "clean":
-                clean_nets[seed] = net
-            if seed == 0:
-                samples[route] = predict(net, {k: v[:1] for k, v in test.items()})
-    return rows, samples, clean_nets
+        configs = {r: _config(args, seed, r) for r in ROUTES}
+        jobs.append((("routes", seed), routes_job, (seed, configs, options, args.C, seed == 0)))
+    for C in () if args.no_sweep else SWEEP:
+        if C != args.C:
+            route = "sequential" if C == 0.0 else "joint_lspd"
+            jobs.append((("sweep C", C), sweep_job, (C, _config(args, 0, route), options)))
+    return jobs
 
 
-def run_sweep(args, operator, train, test, options, rows) -> dict:
-    """Joint LSPD over C (first seed); C = 0 is the sequential route with LSPD."""
-    sweep = {}
-    for C in SWEEP:
-        if C == args.C:
-            sweep[C] = rows["joint_lspd"][0]
-            continue
-        route = "sequential" if C == 0.0 else "joint_lspd"
-        net, info = run_route(route, operator, train, _config(args, 0, route), options, C=C,
-                              reconstructor="lspd")
-        sweep[C] = _scores(evaluate_net(net, test), info["train_seconds"])
-    return sweep
+class _Results:
+    """The experiment's results as its jobs finish, in seed order; :meth:`take` returns the
+    jobs a result makes ready (the task-learned TV of a seed needs its clean U-Net and the
+    MSE-learned θ)."""
+
+    def __init__(self, args, options):
+        self.args, self.options, n = args, options, args.seeds
+        self.rows = {r: [None] * n for r in ROUTES}
+        if not args.no_tv:
+            self.rows.update(tv_mse=[None] * n, tv_task=[None] * n)
+        self.sweep, self.samples, self.cpu = {}, {}, 0.0
+        self.thetas = {} if args.no_tv else {"tv_task": [None] * n}
+        self._tv_mse, self._clean = None, {}
+
+    def take(self, kind: str, key, out: dict) -> list:
+        self.cpu += out["job_seconds"]["cpu"]
+        self.samples.update(out.get("samples", {}))
+        if kind == "sweep C":
+            self.sweep[key] = out["row"]
+            return []
+        if kind == "TV MSE":
+            self._tv_mse, self.thetas["tv_mse"] = out, out["theta"]
+        elif kind == "routes":
+            for route, row in out["rows"].items():
+                self.rows[route][key] = row
+            if not self.args.no_tv:
+                self._clean[key] = out["clean_state"]
+        else:  # "TV task"
+            for name, row in out["rows"].items():
+                self.rows[name][key] = row
+            self.thetas["tv_task"][key] = out["theta"]
+        return self._ready_tv()
+
+    def _ready_tv(self) -> list:
+        if self._tv_mse is None:
+            return []
+        a, ready = self.args, []
+        for seed in list(self._clean):
+            ready.append((("TV task", seed), tv_task_job, (
+                seed, self._clean.pop(seed), self.options, self._tv_mse, a.hoag_samples,
+                a.hoag_iter, seed == 0)))
+        return ready
+
+    def sweep_table(self) -> dict:
+        """C → scores in the order of :data:`SWEEP` (``--C`` itself is joint LSPD's seed 0)."""
+        if self.args.no_sweep:
+            return {}
+        sweep = {**self.sweep, self.args.C: self.rows["joint_lspd"][0]}
+        return {C: sweep[C] for C in SWEEP if C in sweep}
 
 
-def run_tv(args, operator, train, test, clean_nets) -> tuple[dict, dict, dict]:
-    """HOAG-learned θ for MSE (once) and for the task (per seed's clean U-Net), scored on test."""
-    sub = {k: v[:args.hoag_samples] for k, v in train.items()}
-    rows, thetas, samples = {"tv_mse": [], "tv_task": []}, {"tv_task": []}, {}
-    t0 = time.perf_counter()
-    thetas["tv_mse"], _ = learn_tv_theta(operator, sub, "mse", max_iter=args.hoag_iter)
-    t_mse = time.perf_counter() - t0
-    x_mse, _ = tv_reconstruct(operator, thetas["tv_mse"], test)
-    for seed, clean in clean_nets.items():
-        t0 = time.perf_counter()
-        theta, _ = learn_tv_theta(operator, sub, "task", clean.segmenter, max_iter=args.hoag_iter)
-        t_task = time.perf_counter() - t0
-        thetas["tv_task"].append(theta)
-        t0 = time.perf_counter()
-        x_task, _ = tv_reconstruct(operator, theta, test)
-        infer_ms = 1e3 * (time.perf_counter() - t0) / len(test["image"])
-        for name, x, secs in (("tv_mse", x_mse, t_mse), ("tv_task", x_task, t_task)):
-            net = JointNet(None, clean.segmenter, input_key="x_tv")
-            res = evaluate_net(net, dict(test, x_tv=x))
-            from recon.metrics import psnr, ssim
-            res.update(psnr=psnr(x, test["image"]), ssim=ssim(x, test["image"]))
-            rows[name].append(_scores(res, secs))
-            rows[name][-1]["infer_ms"] = infer_ms
-            if seed == 0:
-                samples[name] = predict(net, {k: v[:1] for k, v in dict(test, x_tv=x).items()})
-    return rows, thetas, samples
+def run_all(args, setup, options) -> _Results:
+    """Every job (:mod:`recon.joint.jobs`) over ``--workers`` processes, with one line per
+    finished job."""
+    jobs, results = _initial_jobs(args, options), _Results(args, options)
+    total, t0 = _jobs_total(args), time.perf_counter()
+    with JobPool(setup, min(args.workers, total), args.threads) as pool:
+        pending = {pool.submit(job, *rest): tag for tag, job, rest in jobs}
+        finished = 0
+        while pending:
+            for future in pool.next_done(list(pending)):
+                (kind, key), out = pending.pop(future), future.result()
+                finished += 1
+                print(f"[{finished}/{total}] {kind}{'' if key is None else f' {key}'} done "
+                      f"({time.perf_counter() - t0:.0f} s elapsed)", flush=True)
+                for tag, job, rest in results.take(kind, key, out):
+                    pending[pool.submit(job, *rest)] = tag
+    return results
 
 
 def format_table(rows: dict) -> str:
@@ -282,19 +312,17 @@ def main(argv=None) -> dict:
                                 n_train=args.n_train, n_test=args.n_test)
     options = (default_model_options(recon_channels=8, recon_iterations=3, unet_channels=4,
                                      unet_depth=2) if args.quick else default_model_options())
+    results = run_all(args, setup, options)
+    rows, sweep, thetas, samples = (results.rows, results.sweep_table(), results.thetas,
+                                    results.samples)
+    cpu = results.cpu
     operator, train = build_joint_data(setup, "train")
     _, test = build_joint_data(setup, "test", operator=operator)
-    rows, samples, clean_nets = run_routes(args, operator, train, test, options)
-    sweep = {} if args.no_sweep else run_sweep(args, operator, train, test, options, rows)
-    thetas = {}
-    if not args.no_tv:
-        tv_rows, thetas, tv_samples = run_tv(args, operator, train, test, clean_nets)
-        rows.update(tv_rows)
-        samples.update(tv_samples)
     ratio = step_time_ratio(operator, train, options, args.batch_size)
     total = time.perf_counter() - t_start
     print(f"\nTable 3.2 analog ({args.image_size}², {args.n_angles} angles, Poisson I0 = 7e4, "
-          f"C = {args.C}, {args.seeds} seeds, {torch.get_num_threads()} thread(s)):")
+          f"C = {args.C}, {args.seeds} seeds, {args.workers} worker(s) of {args.threads} "
+          f"thread(s)):")
     print(format_table(rows))
     diffs = paired(rows)
     if diffs:
@@ -307,7 +335,9 @@ def main(argv=None) -> dict:
         print(f"\nTV θ: MSE-learned {thetas['tv_mse']}, task-learned {thetas['tv_task']}")
     print(f"\njoint LSPD / joint LPD step time: {ratio['lspd_step_s']:.3f} s / "
           f"{ratio['lpd_step_s']:.3f} s = {ratio['ratio']:.2f}")
-    print(f"total {total:.0f} s")
+    workers = min(args.workers, _jobs_total(args))
+    print(f"total {total:.0f} s; the jobs used {cpu:.0f} CPU seconds ({cpu / workers:.0f} s per "
+          f"worker: the wall time on {workers} idle core(s))")
     if args.quick:
         print(SMOKE_RUN)
     out = Path(args.out)
@@ -317,7 +347,8 @@ def main(argv=None) -> dict:
                           for r, v in rows.items()},
               "paired_vs_sequential": diffs,
               "sweep": {str(C): r for C, r in sweep.items()}, "tv_theta": thetas,
-              "step_time": ratio, "total_seconds": total}
+              "step_time": ratio, "total_seconds": total,
+              "cpu_seconds": cpu}
     (out / "table.json").write_text(json.dumps(result, indent=2))
     save_png(out / "samples.png", test, samples)
     save_loss_curves(out / "loss_curves.png", rows)

@@ -328,3 +328,37 @@ def test_tiny_c_sweep_shares_the_pretrained_start_and_stays_finite(tiny):
     for s in stages[1:]:
         for k in ("pretrain_reconstruct", "pretrain_segment"):
             assert losses(s, k) == losses(stages[0], k), k
+
+
+def test_job_pool_gives_the_same_rows_in_workers_as_in_this_process():
+    """A job seeds itself: two worker processes give the numbers of the in-process run."""
+    from recon.joint.jobs import JobPool, routes_job, sweep_job
+
+    setup = default_joint_setup(image_size=16, n_angles=8, n_train=6, n_test=4)
+    configs = {r: JointConfig(epochs=1, batch_size=3, seed=1, pretrain_epochs=1, progress=False)
+               for r in ("clean", "joint_lspd")}
+    results = []
+    for workers in (1, 2):
+        with JobPool(setup, workers=workers) as pool:
+            futures = [pool.submit(routes_job, 1, configs, OPTS, 0.5),
+                       pool.submit(sweep_job, 0.9, configs["joint_lspd"], OPTS)]
+            first = pool.next_done(list(futures))
+            assert first and all(f in futures for f in first)
+            results.append([f.result() for f in futures])
+    (routes_1, sweep_1), (routes_2, sweep_2) = results
+    assert set(routes_1["rows"]) == {"clean", "joint_lspd"}
+    for route, row in routes_1["rows"].items():
+        scores = {k for k in row if k not in ("train_s", "infer_ms", "history")}
+        assert "dice" in scores
+        assert {k: routes_2["rows"][route][k] for k in scores} == {k: row[k] for k in scores}
+    assert sweep_2["row"]["psnr"] == sweep_1["row"]["psnr"]
+    assert set(routes_1["clean_state"]) == set(build_segmenter(OPTS).state_dict())
+
+
+@pytest.mark.parametrize("field, value", [("workers", 0), ("workers", 1.5), ("threads", 0)])
+def test_job_pool_refuses_bad_counts_by_name(field, value):
+    from recon.joint.jobs import JobPool
+
+    with pytest.raises(ValueError, match=field):
+        JobPool(default_joint_setup(image_size=16, n_angles=8, n_train=2, n_test=2),
+                **{field: value})
