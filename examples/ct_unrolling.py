@@ -31,6 +31,7 @@ same budget (``--warm-start none``) LSPD and Sk-LSPD end 1.3 and 1.8 dB below LP
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recon.checkpoint import load_checkpoint  # noqa: E402
+from recon.io import atomic_write  # noqa: E402
 from recon.evaluate import add_arguments, load_methods, run, time_methods  # noqa: E402
 from recon.metrics import psnr  # noqa: E402
 from recon.operators import fbp  # noqa: E402
@@ -233,6 +235,8 @@ def main(argv=None) -> dict:
             print(f"  {r['method']:>8}: PSNR {r['mean']:.2f} dB (" + ", ".join(
                 f"{v:.2f}" for v in r["psnr"]) + f"), {r['mean'] - fbp_mean:+.2f} dB over FBP")
         print("  target: LPD >= FBP + 5 dB on real slices")
+    with atomic_write(out / "table.json", "w") as handle:  # + batch-8 timings, real slices
+        handle.write(json.dumps(report, indent=2))
     if args.quick:
         print(SMOKE_RUN)
     return report
