@@ -41,9 +41,10 @@ __all__ = ["run_example", "parse_args", "format_table", "gap_recovered", "summar
 #: 24 filters of 5×5 (625) cost 0.8 s per Hessian-vector product on 100 scenes of 64² (one
 #: thread), too slow for the examples' time budget
 EXPERTS = (8, 3)
-#: the network of ``--adaptive``: 8 hidden channels of 5×5 kernels, log-weights within ±2 of
-#: the learned TV log-weight (a factor e² ≈ 7.4 either way)
-ADAPTIVE = dict(hidden=8, kernel_size=5, log_range=2.0)
+#: the network of ``--adaptive``: 8 hidden channels of 7×7 kernels and a 1×1 output layer
+#: (8·49 + 8 + 8 + 2 = 410 hyperparameters for gray images), log-weights within ±2 of the
+#: learned TV log-weight (a factor e² ≈ 7.4 either way)
+ADAPTIVE = dict(hidden=8, kernel_size=7, out_kernel_size=1, log_range=2.0)
 ADAPTIVE_ITERS = 100
 FINETUNE = {"unet": ["up2", "up3", "outc"], "resnet18": ["layer4", "fc"], "resnet50": ["layer4.2", "fc"]}
 

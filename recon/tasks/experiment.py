@@ -17,7 +17,8 @@ For a pretrained task network ``T*`` and noisy images ``y = x + σn`` the rows a
 * optionally ``Adaptive TV (N θ), MSE-learned θ`` and ``Adaptive TV (N θ), task-learned θ``:
   the same two upper losses with :class:`recon.adaptive_tv.AdaptiveTVDenoising`, smoothed TV
   whose pixel weights ``λ(θ, y)`` a small convolutional network predicts from the noisy image
-  (``N = 410`` hyperparameters for the examples' 8 hidden channels of 5×5 kernels). The MSE
+  (``N = 410`` hyperparameters for the examples' 8 hidden channels of 7×7 kernels and a 1×1
+  output layer). The MSE
   route starts at the MSE-learned TV θ with the network's last layer zero (plain TV), the task
   route where the MSE route ended, as for the other regularizers.
 
@@ -217,7 +218,7 @@ def adaptive_theta0(theta_tv: Mapping[str, Any], inner: AdaptiveTVDenoising,
     """θ₀ of the adaptive-TV routes: plain TV at ``theta_tv`` (the MSE-learned TV θ): the
     network of :func:`recon.adaptive_tv.initial_theta` (seed 0) with its last layer zero."""
     return adaptive_initial_theta(inner.channels, inner.hidden, inner.kernel_size,
-                                  log_weight=float(theta_tv["log_weight"]),
+                                  inner.out_kernel_size, log_weight=float(theta_tv["log_weight"]),
                                   log_smoothing=float(theta_tv["log_smoothing"]), dtype=dtype)
 
 
