@@ -8,6 +8,8 @@ forward_differences`, ``ε = e^{θ_s}``):
     Φ_b(x; θ) = \frac1n\Big(\|x − y_b\|^2 + \sum_{c,i} λ_i(θ, y_b)\, s_{ci}\Big),\qquad
     s_{ci} = \sqrt{|(Dx)_{ci}|^2 + ε},
 
+.. math::
+
     λ(θ, y) = \exp\big(θ_w + ρ \tanh(g_θ(\hat y)/ρ)\big),\qquad
     \hat y = (y − \bar y)/\mathrm{sd}(y),
 

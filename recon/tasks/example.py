@@ -86,8 +86,9 @@ def parse_args(source: str, argv: Optional[Sequence[str]], doc: str) -> argparse
                          "predicted from the noisy image by a small CNN: 410 hyperparameters for "
                          "gray images) learned for the MSE and for the task; a rerun of a "
                          "finished run with --adaptive adds only these rows")
-    ap.add_argument("--adaptive-iters", type=pos, default=ADAPTIVE_ITERS,
-                    help=f"cap on the outer iterations of each adaptive-TV route ({ADAPTIVE_ITERS})")
+    ap.add_argument("--adaptive-iters", type=pos, default=None,
+                    help=f"cap on the outer iterations of each adaptive-TV route ({ADAPTIVE_ITERS}; "
+                         "--quick: 3)")
     ap.add_argument("--tolerances", type=float_in(0.0, 1.0, strict_low=True, strict_high=True),
                     nargs="+", default=[1e-3, 1e-5])
     ap.add_argument("--finetune-lr", type=positive, default=1e-4, help="Adam step of the fine-tuned layers")
@@ -251,9 +252,11 @@ def _prepare(task: str, source: str, argv, doc: str) -> argparse.Namespace:
     from bilevel.history import check_writable
 
     args = parse_args(source, argv, doc or __doc__)
-    defaults = (dict(sigmas=[0.3], n_train=8, n_test=32, iters=3, n_pretrain=96, epochs=1, seeds=1)
+    defaults = (dict(sigmas=[0.3], n_train=8, n_test=32, iters=3, n_pretrain=96, epochs=1, seeds=1,
+                     adaptive_iters=3)
                 if args.quick else dict(sigmas=[0.3], n_train=100, n_test=500, iters=100,
-                                        seeds=2 if task == "segmentation" else 3))
+                                        seeds=2 if task == "segmentation" else 3,
+                                        adaptive_iters=ADAPTIVE_ITERS))
     for key, value in defaults.items():  # an option given on the command line is kept
         if getattr(args, key) is None:
             setattr(args, key, value)
