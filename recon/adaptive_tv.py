@@ -189,7 +189,10 @@ class AdaptiveTVDenoising(InnerProblem):
     # ----- InnerProblem -----------------------------------------------------------------------
     def objective(self, x: Tensor, theta: Theta, batch: Any) -> Tensor:
         y = self._y(batch)
-        lam = torch.exp(self.log_weights(theta, y))
+        if any(v.requires_grad for v in theta.values()):
+            lam = torch.exp(self.log_weights(theta, y))   # differentiable in θ
+        else:
+            lam = self.weights(theta, y)                  # the solver's line searches: cached
         uh, uv = forward_differences(x)
         s = torch.sqrt(uh ** 2 + uv ** 2 + torch.exp(theta["log_smoothing"]).to(x.dtype))
         return (((x - y) ** 2).flatten(1).sum(1) + (lam * s).flatten(1).sum(1)) / x[0].numel()
@@ -213,17 +216,14 @@ class AdaptiveTVDenoising(InnerProblem):
         return (2 * (x - y) + forward_differences_adjoint(lam * uh / s, lam * uv / s)) / x[0].numel()
 
     def linearize(self, x: Tensor, theta: Theta, batch: Any):
-        """``(v ↦ ∇²ₓₓΦ v, q ↦ (∇²_{xθ}Φ)ᵀq)`` at ``(x, θ)``: ``λ/s`` and ``λ^{1/2}u/s^{3/2}``
+        """``(v ↦ ∇²ₓₓΦ v, q ↦ (∇²_{xθ}Φ)ᵀq)`` at ``(x, θ)``: ``λ/s`` and ``λu/s^{3/2}``
         computed once; the network's part of the mixed product is one autograd
-        vector-Jacobian product through the graph of ``log λ`` built here."""
+        vector-Jacobian product through a graph of ``log λ`` built at the first mixed product
+        (the inner solver's Newton steps need only the Hessian products)."""
         y, x = self._y(batch), x.detach()
         n = x[0].numel()
         names = ("log_weight",) + NETWORK_NAMES
-        leaves = {k: theta[k].detach().clone().requires_grad_(True) for k in names}
-        with torch.enable_grad():
-            lam_graph = torch.exp(self.log_weights(
-                {**leaves, "log_smoothing": theta["log_smoothing"].detach()}, y))
-        self._remember(theta, y, lam_graph)  # one network evaluation serves both
+        graph: Dict[str, Any] = {}
         lam, eps, uh, uv, s = self._parts(x, theta, y)
         inv_s = 1.0 / s
         lam_s = lam * inv_s                         # λ/s
@@ -245,9 +245,14 @@ class AdaptiveTVDenoising(InnerProblem):
         def mixed(q: Tensor) -> Dict[str, Tensor]:
             qh, qv = forward_differences(q.detach())
             r_pix = (ch * qh + cv * qv).sum(1, keepdim=True) / n   # r_i/n, (B, 1, H, W)
+            if not graph:
+                graph["leaves"] = {k: theta[k].detach().clone().requires_grad_(True) for k in names}
+                with torch.enable_grad():
+                    graph["lam"] = torch.exp(self.log_weights(
+                        {**graph["leaves"], "log_smoothing": theta["log_smoothing"].detach()}, y))
             with torch.enable_grad():
-                grads = torch.autograd.grad((lam_graph * r_pix).sum(), [leaves[k] for k in names],
-                                            retain_graph=True)
+                grads = torch.autograd.grad((graph["lam"] * r_pix).sum(),
+                                            [graph["leaves"][k] for k in names], retain_graph=True)
             out = {k: gk.reshape(theta[k].shape).to(theta[k].dtype) for k, gk in zip(names, grads)}
             g_s = -(eps / (2 * n)) * (lam * (dh * qh + dv * qv)).sum()
             out["log_smoothing"] = g_s.reshape(theta["log_smoothing"].shape).to(theta["log_smoothing"].dtype)
