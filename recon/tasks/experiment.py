@@ -18,9 +18,12 @@ For a pretrained task network ``T*`` and noisy images ``y = x + σn`` the rows a
   the same two upper losses with :class:`recon.adaptive_tv.AdaptiveTVDenoising`, smoothed TV
   whose pixel weights ``λ(θ, y)`` a small convolutional network predicts from the noisy image
   (``N = 410`` hyperparameters for the examples' 8 hidden channels of 7×7 kernels and a 1×1
-  output layer). The MSE
-  route starts at the MSE-learned TV θ with the network's last layer zero (plain TV), the task
-  route where the MSE route ended, as for the other regularizers.
+  output layer). The MSE route starts at the MSE-learned TV θ with the network's last layer
+  zero (plain TV), the task route where the MSE route ended, as for the other regularizers (so
+  that task − MSE of the same regularizer measures what the upper loss adds; a start at the
+  task-learned TV θ was not tried). Measured on the digit scenes (σ = 0.3, 3 seeds) neither
+  route converged within 100 iterations; the MSE route gained +0.030 Dice over MSE-learned TV,
+  the task route lost 0.011 against it on the held-out scenes.
 
 The task routes start where the MSE route ended (the loop then descends the task loss from
 ``θ_mse``): started at :data:`THETA0` instead, the task loss's slope toward *less* smoothing at
