@@ -3,6 +3,7 @@
     PYTHONPATH=. python examples/cityscapes.py                          # stand-in: σ = 0.3, 2 seeds
     PYTHONPATH=. python examples/cityscapes.py --seeds 3                # the measured table
     PYTHONPATH=. python examples/cityscapes.py --seeds 3 --experts      # + field-of-experts rows
+    PYTHONPATH=. python examples/cityscapes.py --seeds 3 --adaptive     # + adaptive-TV rows
     PYTHONPATH=. python examples/cityscapes.py --sigmas 0.1 0.2 0.3 --seeds 1
     PYTHONPATH=. python examples/cityscapes.py --quick                  # smoke run, < 1 minute
     PYTHONPATH=. python examples/cityscapes.py --root /data/cityscapes --epochs 30
@@ -14,7 +15,9 @@ prints mean Dice and mean IoU on held-out images for: T* on clean, T* on noisy, 
 MSE-learned θ, TV with task-learned θ (HOAG with the loss CE + soft Dice, relative tolerance
 1e-3 and 1e-5), and task-learned θ with the U-Net's last two up-sampling blocks and output
 convolution fine-tuned by Adam in the same loop (``--experts``: two more rows, a learned field
-of experts with 81 hyperparameters learned for the MSE and for the task). Every outer loop runs
+of experts with 81 hyperparameters learned for the MSE and for the task; ``--adaptive``: two
+more, TV with pixel weights predicted from the noisy image by a small CNN, 410 hyperparameters
+for gray images, learned the same two ways). Every outer loop runs
 to its own stop or to ``--iters`` (a row whose loop did not report success is marked ``*`` with
 the reason); over ``--seeds`` draws of data and noise the paired differences task − MSE and the
 fraction of the clean-minus-noisy Dice gap recovered get 95 % t-intervals. With ``--root``, one more row: θ learned over the whole training set

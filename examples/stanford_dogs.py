@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python examples/stanford_dogs.py                       # stand-in: σ = 0.3, 3 seeds
     PYTHONPATH=. python examples/stanford_dogs.py --experts             # + field-of-experts rows
+    PYTHONPATH=. python examples/stanford_dogs.py --adaptive            # + adaptive-TV rows
     PYTHONPATH=. python examples/stanford_dogs.py --quick               # smoke run, < 1 minute
     PYTHONPATH=. python examples/stanford_dogs.py --root /data/StanfordDogs --epochs 30
 
@@ -11,7 +12,9 @@ noise level σ prints top-1 / top-5 accuracy on held-out images for: T* on clean
 TV with MSE-learned θ, TV with task-learned θ (HOAG, relative tolerance 1e-3 and 1e-5), and
 task-learned θ with ResNet's last stage (``layer4``; ResNet-50: its last block ``layer4.2``)
 and ``fc`` fine-tuned by Adam in the same loop (``--experts``: two more rows, a learned field
-of experts with 81 hyperparameters learned for the MSE and for the task). Every outer loop runs
+of experts with 81 hyperparameters learned for the MSE and for the task; ``--adaptive``: two
+more, TV with pixel weights predicted from the noisy image by a small CNN, 410 hyperparameters
+for gray images, learned the same two ways). Every outer loop runs
 to its own stop or to ``--iters`` (a row whose loop did not report success is marked ``*`` with
 the reason); over ``--seeds`` draws of data and noise the paired differences task − MSE and the
 fraction of the clean-minus-noisy accuracy gap recovered get 95 % t-intervals. With ``--root``, one more row: θ learned over the whole training set

@@ -214,3 +214,31 @@ def test_example_rerun_with_other_settings_is_refused(tmp_path):
     argv[argv.index("--n-pretrain") + 1] = "12"  # T* itself: refused before any route
     with pytest.raises(ResumeMismatchError, match=r"metadata.n_train: 16 \(saved\) != 12"):
         run_example("segmentation", "cityscapes", argv)
+
+
+def test_example_rerun_with_adaptive_adds_only_its_rows_and_old_stage_files_resume(tmp_path):
+    from recon.checkpoint import save_checkpoint
+
+    out = tmp_path / "run"
+    first = _example(out)
+    state = load_checkpoint(out / "stages.pt")  # a file from before --adaptive-iters existed
+    del state["settings"]["adaptive_iters"]
+    save_checkpoint(state, out / "stages.pt")
+    seen = []
+    from recon.tasks.example import run_example
+    res = run_example("segmentation", "cityscapes", _EXAMPLE + ["--out", str(out), "--adaptive",
+                                                                "--adaptive-iters", "2"],
+                      on_stage=seen.append)
+    assert res["stages_reused"] == len(first["results"]["0.3"])
+    assert seen == ["sigma 0.3: Adaptive TV (410 θ), MSE-learned θ",
+                    "sigma 0.3: Adaptive TV (410 θ), task-learned θ (tol 0.001)"]
+    rows = {r["route"]: r for r in res["results"]["0.3"]}
+    assert rows["Adaptive TV (410 θ), MSE-learned θ"]["hoag_iterations"] <= 2
+    assert len(rows["Adaptive TV (410 θ), MSE-learned θ"]["theta"]["conv1.weight"]) == 8
+    diffs = res["intervals"]["0.3"]["differences"]
+    assert {"Adaptive TV (410 θ), task-learned θ (tol 0.001) − Adaptive TV (410 θ), MSE-learned θ",
+            "Adaptive TV (410 θ), task-learned θ (tol 0.001) − TV, MSE-learned θ"} <= set(diffs)
+    # now the file has adaptive rows: another cap is refused
+    with pytest.raises(ResumeMismatchError, match=r"adaptive_iters: 2 \(saved\) != 3 \(now\)"):
+        run_example("segmentation", "cityscapes", _EXAMPLE + ["--out", str(out), "--adaptive",
+                                                            "--adaptive-iters", "3"])

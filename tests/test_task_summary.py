@@ -50,6 +50,11 @@ def test_comparisons_of_another_regularizer_include_its_own_mse_route():
         ("FoE (625 θ), MSE-learned θ", "TV, MSE-learned θ"),
         ("FoE (625 θ), task-learned θ (tol 1e-05)", "FoE (625 θ), MSE-learned θ"),
         ("FoE (625 θ), task-learned θ (tol 1e-05)", "TV, MSE-learned θ")]
+    routes += ["Adaptive TV (410 θ), MSE-learned θ", "Adaptive TV (410 θ), task-learned θ (tol 1e-05)"]
+    assert comparisons(routes)[-3:] == [
+        ("Adaptive TV (410 θ), MSE-learned θ", "TV, MSE-learned θ"),
+        ("Adaptive TV (410 θ), task-learned θ (tol 1e-05)", "Adaptive TV (410 θ), MSE-learned θ"),
+        ("Adaptive TV (410 θ), task-learned θ (tol 1e-05)", "TV, MSE-learned θ")]
 
 
 def test_a_route_that_did_not_converge_at_one_seed_is_marked_with_its_reason():

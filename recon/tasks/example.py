@@ -26,6 +26,7 @@ from ..scripts import SMOKE_RUN, help_parser
 from ..checkpoint import check_resume, load_checkpoint, plain_state, save_checkpoint
 from ..io import atomic_write
 from .cli import data_settings, task_loss, task_scores
+from ..adaptive_tv import AdaptiveTVDenoising
 from ..learned_experts import LearnedFieldOfExperts
 from .data import default_network_config, load_task_data
 from .experiment import run_noise_level
@@ -40,6 +41,11 @@ __all__ = ["run_example", "parse_args", "format_table", "gap_recovered", "summar
 #: 24 filters of 5×5 (625) cost 0.8 s per Hessian-vector product on 100 scenes of 64² (one
 #: thread), too slow for the examples' time budget
 EXPERTS = (8, 3)
+#: the network of ``--adaptive``: 8 hidden channels of 7×7 kernels and a 1×1 output layer
+#: (8·49 + 8 + 8 + 2 = 410 hyperparameters for gray images), log-weights within ±2 of the
+#: learned TV log-weight (a factor e² ≈ 7.4 either way)
+ADAPTIVE = dict(hidden=8, kernel_size=7, out_kernel_size=1, log_range=2.0)
+ADAPTIVE_ITERS = 100
 FINETUNE = {"unet": ["up2", "up3", "outc"], "resnet18": ["layer4", "fc"], "resnet50": ["layer4.2", "fc"]}
 
 
@@ -75,6 +81,14 @@ def parse_args(source: str, argv: Optional[Sequence[str]], doc: str) -> argparse
                          "the task; a rerun of a finished run with --experts adds only these rows")
     ap.add_argument("--experts-iters", type=pos, default=20,
                     help="cap on the outer iterations of each field-of-experts route (20)")
+    ap.add_argument("--adaptive", action="store_true",
+                    help="two more rows: adaptive TV (recon.adaptive_tv, TV weights per pixel "
+                         "predicted from the noisy image by a small CNN: 410 hyperparameters for "
+                         "gray images) learned for the MSE and for the task; a rerun of a "
+                         "finished run with --adaptive adds only these rows")
+    ap.add_argument("--adaptive-iters", type=pos, default=None,
+                    help=f"cap on the outer iterations of each adaptive-TV route ({ADAPTIVE_ITERS}; "
+                         "--quick: 3)")
     ap.add_argument("--tolerances", type=float_in(0.0, 1.0, strict_low=True, strict_high=True),
                     nargs="+", default=[1e-3, 1e-5])
     ap.add_argument("--finetune-lr", type=positive, default=1e-4, help="Adam step of the fine-tuned layers")
@@ -127,7 +141,7 @@ def _check_resumes(task: str, source: str, cfg, args) -> "Stages":
         "task": task, "source": source, "root": args.root, "sigmas": args.sigmas,
         "n_train": args.n_train, "n_test": args.n_test, "iters": args.iters,
         "tolerances": args.tolerances, "finetune_lr": args.finetune_lr, "network": cfg,
-        "experts_iters": args.experts_iters},
+        "experts_iters": args.experts_iters, "adaptive_iters": args.adaptive_iters},
         args.restart)
 
 
@@ -153,6 +167,11 @@ def network_digest(network: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+#: settings added after stage files existed, with the text of the stage names they affect: a
+#: file without the setting and without such stages resumes under any value of it
+LATER_SETTINGS = {"adaptive_iters": "Adaptive TV ("}
+
+
 class Stages:
     """The finished stages (rows) of an example run in ``OUT/stages.pt``, written atomically
     after each one; reopened with other settings it refuses (the resume rule of
@@ -164,9 +183,12 @@ class Stages:
         if self.path.is_file() and not restart:
             state = load_checkpoint(self.path)
             self._saved = dict(state.get("settings") or {})
+            self.done = dict(state.get("done") or {})
+            for key, marker in LATER_SETTINGS.items():  # files from before the setting existed
+                if key not in self._saved and not any(marker in name for name in self.done):
+                    self._saved[key] = self.settings.get(key)
             check_resume(self.path, self._saved, self.settings, ignore=["network_sha256"],
                          hint="use the saved settings, another --out, or --restart")
-            self.done = dict(state.get("done") or {})
         self.reused = len(self.done)
 
     def bind_network(self, digest: str) -> None:
@@ -230,9 +252,11 @@ def _prepare(task: str, source: str, argv, doc: str) -> argparse.Namespace:
     from bilevel.history import check_writable
 
     args = parse_args(source, argv, doc or __doc__)
-    defaults = (dict(sigmas=[0.3], n_train=8, n_test=32, iters=3, n_pretrain=96, epochs=1, seeds=1)
+    defaults = (dict(sigmas=[0.3], n_train=8, n_test=32, iters=3, n_pretrain=96, epochs=1, seeds=1,
+                     adaptive_iters=3)
                 if args.quick else dict(sigmas=[0.3], n_train=100, n_test=500, iters=100,
-                                        seeds=2 if task == "segmentation" else 3))
+                                        seeds=2 if task == "segmentation" else 3,
+                                        adaptive_iters=ADAPTIVE_ITERS))
     for key, value in defaults.items():  # an option given on the command line is kept
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -262,16 +286,17 @@ def run_example(task: str, source: str, argv: Optional[Sequence[str]] = None,
     progress, t0 = not args.no_progress, time.perf_counter()
     cfg = _network_config(task, source, args)
     stages = _check_resumes(task, source, cfg, args)
-    _splits(task, source, args)  # data errors before minutes of pretraining
+    channels = _splits(task, source, args)[0]["image"].shape[1]  # data errors before pretraining
     net, info = _pretrained(task, source, cfg, args, progress, on_stage)
     stages.bind_network(network_digest(net))
-    experts = LearnedFieldOfExperts(*EXPERTS) if args.experts else None
-    per_seed = [_run_seed(seed, task, source, args, net, cfg, stages, experts, progress, on_stage)
+    lower = {"experts": LearnedFieldOfExperts(*EXPERTS) if args.experts else None,
+             "adaptive": AdaptiveTVDenoising(channels, **ADAPTIVE) if args.adaptive else None}
+    per_seed = [_run_seed(seed, task, source, args, net, cfg, stages, lower, progress, on_stage)
                 for seed in range(args.seeds)]
     return _finish(task, source, args, cfg, info, per_seed, stages.reused, t0)
 
 
-def _run_seed(seed, task, source, args, net, cfg, stages, experts, progress, on_stage):
+def _run_seed(seed, task, source, args, net, cfg, stages, lower, progress, on_stage):
     """``{str(σ): rows}`` of one seed (its data, its noise; stages of earlier runs reused)."""
     k, loss = cfg["num_classes"], task_loss(task)
     score = lambda logits, labels: task_scores(task, logits, labels, k)  # noqa: E731
@@ -288,7 +313,8 @@ def _run_seed(seed, task, source, args, net, cfg, stages, experts, progress, on_
                                      tolerances=args.tolerances, max_iter=args.iters,
                                      finetune_lr=args.finetune_lr, progress=progress,
                                      done=stages.of(sigma, seed), on_stage=finished,
-                                     experts=experts, experts_max_iter=args.experts_iters)
+                                     experts_max_iter=args.experts_iters,
+                                     adaptive_max_iter=args.adaptive_iters, **lower)
         results[str(sigma)] = rows
         _write_json(args.out / "table.json", {"partial": True, "seed": seed, "results": results})
         if seed == 0:
