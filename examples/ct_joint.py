@@ -22,7 +22,7 @@ side by side, and the paired Dice differences route − sequential over the seed
 same data) with their 95 % t-intervals. Writes ``table.json``, ``samples.png`` and
 ``loss_curves.png`` under ``--out``.
 
-    python examples/ct_joint.py            # the table, 5 seeds (about 12 min on 2 cores)
+    python examples/ct_joint.py            # the table, 5 seeds (about 10 min on 2 cores)
     python examples/ct_joint.py --quick    # smoke run, < 1 minute, in runs/quick/
 """
 from __future__ import annotations
@@ -227,22 +227,32 @@ class _Results:
         return {C: sweep[C] for C in SWEEP if C in sweep}
 
 
+#: the order in which ready jobs start: the task-learned TV rows as soon as they can (they wait
+#: for other jobs, and would else be left for the end), the long route jobs before the short
+#: sweep points
+_PRIORITY = {"TV MSE": 0, "TV task": 1, "routes": 2, "sweep C": 3}
+
+
 def run_all(args, setup, options) -> _Results:
     """Every job (:mod:`recon.joint.jobs`) over ``--workers`` processes, with one line per
-    finished job."""
-    jobs, results = _initial_jobs(args, options), _Results(args, options)
+    finished job; at most one job per worker is handed out at a time, the first ready one
+    in :data:`_PRIORITY` order."""
+    ready, results = _initial_jobs(args, options), _Results(args, options)
     total, t0 = _jobs_total(args), time.perf_counter()
-    with JobPool(setup, min(args.workers, total), args.threads) as pool:
-        pending = {pool.submit(job, *rest): tag for tag, job, rest in jobs}
-        finished = 0
-        while pending:
+    workers = min(args.workers, total)
+    with JobPool(setup, workers, args.threads) as pool:
+        pending, finished = {}, 0
+        while ready or pending:
+            ready.sort(key=lambda item: _PRIORITY[item[0][0]])
+            while ready and len(pending) < workers:
+                tag, job, rest = ready.pop(0)
+                pending[pool.submit(job, *rest)] = tag
             for future in pool.next_done(list(pending)):
                 (kind, key), out = pending.pop(future), future.result()
                 finished += 1
                 print(f"[{finished}/{total}] {kind}{'' if key is None else f' {key}'} done "
                       f"({time.perf_counter() - t0:.0f} s elapsed)", flush=True)
-                for tag, job, rest in results.take(kind, key, out):
-                    pending[pool.submit(job, *rest)] = tag
+                ready.extend(results.take(kind, key, out))
     return results
 
 
