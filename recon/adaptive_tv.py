@@ -46,7 +46,7 @@ from torch import Tensor
 
 from bilevel.problem import InnerProblem, Theta, check_finite, check_theta
 
-from .problems import _differences_zero_padded
+from .problems import _differences_zero_padded, observation
 from .regularizers import forward_differences, forward_differences_adjoint
 
 __all__ = ["AdaptiveTVDenoising", "initial_theta", "adaptive_tv_size"]
@@ -122,14 +122,7 @@ class AdaptiveTVDenoising(InnerProblem):
 
     # ----- helpers ----------------------------------------------------------------------------
     def _y(self, batch: Mapping[str, Tensor]) -> Tensor:
-        if not isinstance(batch, Mapping) or self.observation_key not in batch:
-            keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
-            raise ValueError(f"batch must be a mapping with key {self.observation_key!r}; got {keys}")
-        y = batch[self.observation_key]
-        if not isinstance(y, Tensor) or y.dim() != 4:
-            raise ValueError(f"batch[{self.observation_key!r}] must be a (B, C, H, W) tensor, got "
-                             f"{tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__}")
-        return y
+        return observation(batch, self.observation_key, images=True)
 
     def shapes(self) -> Dict[str, tuple]:
         """The shape of every θ entry (``()`` for the two scalars)."""

@@ -25,6 +25,8 @@ from torch import Tensor
 
 from bilevel.problem import InnerProblem, Theta, check_finite, check_theta
 
+from .problems import observation
+
 __all__ = ["dct_filters", "FieldOfExpertsDenoising"]
 
 
@@ -73,10 +75,7 @@ class FieldOfExpertsDenoising(InnerProblem):
 
     # ----- helpers ----------------------------------------------------------------------------
     def _y(self, batch: Mapping[str, Tensor]) -> Tensor:
-        if not isinstance(batch, Mapping) or self.observation_key not in batch:
-            keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
-            raise ValueError(f"batch must be a mapping with key {self.observation_key!r}; got {keys}")
-        return batch[self.observation_key]
+        return observation(batch, self.observation_key)
 
     def _conv(self, x: Tensor) -> Tensor:
         """``F x``: every filter on every channel, ``(B, C·K, H, W)`` (channel-major)."""

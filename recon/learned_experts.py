@@ -33,6 +33,7 @@ from torch.nn.grad import conv2d_weight
 from bilevel.problem import InnerProblem, Theta, check_finite, check_theta
 
 from .experts import dct_filters
+from .problems import observation
 
 __all__ = ["LearnedFieldOfExperts", "initial_theta"]
 
@@ -101,10 +102,7 @@ class LearnedFieldOfExperts(InnerProblem):
         self.observation_key = observation_key
 
     def _y(self, batch: Mapping[str, Tensor]) -> Tensor:
-        if not isinstance(batch, Mapping) or self.observation_key not in batch:
-            keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
-            raise ValueError(f"batch must be a mapping with key {self.observation_key!r}; got {keys}")
-        return batch[self.observation_key]
+        return observation(batch, self.observation_key)
 
     def check(self, x: Tensor, theta: Theta, batch: Any) -> None:
         check_theta(theta, self.theta_names)

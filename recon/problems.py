@@ -83,6 +83,20 @@ def _tv_linearization(x: Tensor, theta: Theta, n: int):
     return hvp, mixed
 
 
+def observation(batch: Any, key: str, images: bool = False) -> Tensor:
+    """``batch[key]`` (the observation an inner problem reads), with a ``ValueError`` naming the
+    key when ``batch`` is not a mapping that has it, and with ``images`` also when the entry is
+    not a ``(B, C, H, W)`` tensor."""
+    if not isinstance(batch, Mapping) or key not in batch:
+        keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+        raise ValueError(f"batch must be a mapping with key {key!r}; got {keys}")
+    y = batch[key]
+    if images and (not isinstance(y, Tensor) or y.dim() != 4):
+        raise ValueError(f"batch[{key!r}] must be a (B, C, H, W) tensor, got "
+                         f"{tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__}")
+    return y
+
+
 def _check_scalar_theta_and_data(problem, x: Tensor, theta: Theta, batch: Any) -> Tensor:
     """The checks both problems share: known θ names, scalar θ values, finite data and ``x``.
     Returns the observation ``problem._y(batch)``."""
@@ -128,14 +142,7 @@ class TVDenoising(InnerProblem):
 
     # ----- helpers ----------------------------------------------------------------------------
     def _y(self, batch: Mapping[str, Tensor]) -> Tensor:
-        if not isinstance(batch, Mapping) or self.observation_key not in batch:
-            keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
-            raise ValueError(f"batch must be a mapping with key {self.observation_key!r}; got {keys}")
-        y = batch[self.observation_key]
-        if not isinstance(y, Tensor) or y.dim() != 4:
-            raise ValueError(f"batch[{self.observation_key!r}] must be a (B, C, H, W) tensor, got "
-                             f"{tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__}")
-        return y
+        return observation(batch, self.observation_key, images=True)
 
     @staticmethod
     def _n(x: Tensor) -> int:
@@ -222,10 +229,7 @@ class VariationalCT(InnerProblem):
         self.init_key = init_key
 
     def _y(self, batch: Mapping[str, Tensor]) -> Tensor:
-        if not isinstance(batch, Mapping) or self.observation_key not in batch:
-            keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
-            raise ValueError(f"batch must be a mapping with key {self.observation_key!r}; got {keys}")
-        y = batch[self.observation_key]
+        y = observation(batch, self.observation_key)
         want = tuple(self.operator.range_shape)
         if not isinstance(y, Tensor) or y.dim() != 4 or tuple(y.shape[-2:]) != want:
             raise ValueError(f"batch[{self.observation_key!r}] must be a (B, C, *{want}) sinogram "

@@ -12,17 +12,14 @@ from bilevel import ImplicitCG, QuasiNewton, solve_inner
 from bilevel.linalg import HessianOperator
 from recon.adaptive_tv import AdaptiveTVDenoising, adaptive_tv_size, initial_theta
 from recon.losses import MSEToTarget
+
+from _inner_checks import assert_hypergradient_matches_central_difference
 from recon.problems import TVDenoising
 
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _setup(seed=0, B=2, C=1, H=8, m=3, k=3, k2=3):
@@ -98,28 +95,14 @@ def test_theta0_reproduces_tv_denoising():
     assert torch.allclose(a, b, rtol=1e-9, atol=1e-11)
 
 
-def _perturbed(theta, name, idx, h):
-    out = {n: v.clone() for n, v in theta.items()}
-    out[name].view(-1)[idx] += h
-    return out
-
-
 @settings(max_examples=6, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000),
        name=st.sampled_from(list(AdaptiveTVDenoising.theta_names)), pick=st.integers(0, 80))
 def test_hypergradient_matches_central_differences(seed, name, pick):
     inner, batch, theta, _ = _setup(seed)
-    outer = MSEToTarget()
-    x = solve_inner(inner, theta, batch, tol=1e-13).x
-    hg = ImplicitCG()(inner, outer, theta, batch, x, tol=1e-13)
     idx = pick % theta[name].numel()
-    h = 1e-5
-    f = [float(outer(solve_inner(inner, t, batch, tol=1e-13).x, t, batch))
-         for t in (_perturbed(theta, name, idx, h), _perturbed(theta, name, idx, -h))]
-    fd = (f[0] - f[1]) / (2 * h)
-    got = float(hg.theta_grad[name].reshape(-1)[idx])
-    assert got == pytest.approx(fd, rel=1e-5, abs=1e-11), (name, idx)
+    assert_hypergradient_matches_central_difference(inner, batch, theta, name, idx)
 
 
 def test_hypergradient_along_random_directions():

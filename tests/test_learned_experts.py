@@ -10,6 +10,8 @@ from bilevel.linalg import HessianOperator
 from recon.learned_experts import LearnedFieldOfExperts, initial_theta
 from recon.losses import MSEToTarget
 
+from _inner_checks import assert_hypergradient_matches_central_difference
+
 DT = torch.float64
 
 
@@ -48,29 +50,14 @@ def test_closed_form_gradient_and_products_match_autograd():
         assert torch.allclose(m_closed[k], m_auto[k], rtol=1e-9, atol=1e-14), k
 
 
-def _perturbed(theta, name, idx, h):
-    out = {n: v.clone() for n, v in theta.items()}
-    flat = out[name].view(-1)
-    flat[idx] += h
-    return out
-
-
 @settings(max_examples=5, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), name=st.sampled_from(["filters", "log_weights", "log_smoothing"]),
        pick=st.integers(0, 35))
 def test_hypergradient_matches_central_differences(seed, name, pick):
     inner, batch, theta, _ = _setup(seed)
-    outer = MSEToTarget()
-    x = solve_inner(inner, theta, batch, tol=1e-13).x
-    hg = ImplicitCG()(inner, outer, theta, batch, x, tol=1e-13)
     idx = pick % theta[name].numel()
-    h = 1e-5
-    f = [float(outer(solve_inner(inner, t, batch, tol=1e-13).x, t, batch))
-         for t in (_perturbed(theta, name, idx, h), _perturbed(theta, name, idx, -h))]
-    fd = (f[0] - f[1]) / (2 * h)
-    got = float(hg.theta_grad[name].reshape(-1)[idx])
-    assert got == pytest.approx(fd, rel=1e-5, abs=1e-11), (name, idx)
+    assert_hypergradient_matches_central_difference(inner, batch, theta, name, idx)
 
 
 class _ScaledInner(InnerProblem):
