@@ -20,7 +20,9 @@ SSIM of x̂, training and inference time, then the C sweep (joint LSPD, first se
 the sequential route with LSPD) and the joint LSPD / joint LPD training-step time ratio measured
 side by side, and the paired Dice differences route − sequential over the seeds (same seed,
 same data) with their 95 % t-intervals. Writes ``table.json``, ``samples.png`` and
-``loss_curves.png`` under ``--out``.
+``loss_curves.png`` under ``--out``. The seeds, the sweep points and the TV rows run as
+independent jobs over ``--workers`` processes (:mod:`recon.joint.jobs`; default: the usable
+cores), with the numbers of a one-process run (``--workers 1``).
 
     python examples/ct_joint.py            # the table, 5 seeds (about 10 min on 2 cores)
     python examples/ct_joint.py --quick    # smoke run, < 1 minute, in runs/quick/
