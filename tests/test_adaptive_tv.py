@@ -9,11 +9,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bilevel import ImplicitCG, QuasiNewton, solve_inner
-from bilevel.linalg import HessianOperator
 from recon.adaptive_tv import AdaptiveTVDenoising, adaptive_tv_size, initial_theta
 from recon.losses import MSEToTarget
 
-from _inner_checks import assert_hypergradient_matches_central_difference
+from _inner_checks import (assert_closed_forms_match_autograd,
+                          assert_hypergradient_matches_central_difference)
 from recon.problems import TVDenoising
 
 DT = torch.float64
@@ -45,19 +45,7 @@ def test_initial_theta_has_410_entries_and_gives_constant_weights():
 @pytest.mark.parametrize("C, k, k2", [(1, 3, 3), (3, 5, 1)])
 def test_closed_form_gradient_and_products_match_autograd(C, k, k2):
     inner, batch, theta, g = _setup(C=C, k=k, k2=k2)
-    x = batch["y"] + 0.05 * torch.randn(batch["y"].shape, generator=g, dtype=DT)
-    v = torch.randn(x.shape, generator=g, dtype=DT)
-    auto = HessianOperator(inner, x, theta, batch, mode="autograd")
-    closed = HessianOperator(inner, x, theta, batch, mode="closed")
-    xg = x.clone().requires_grad_(True)
-    (g_auto,) = torch.autograd.grad(inner.objective(xg, theta, batch).sum(), xg)
-    assert torch.allclose(inner.grad(x, theta, batch), g_auto, rtol=1e-10, atol=1e-15)
-    assert torch.allclose(closed.hvp(v), auto.hvp(v), rtol=1e-9, atol=1e-15)
-    m_auto, m_closed = auto.mixed_vjp(v), closed.mixed_vjp(v)
-    assert set(m_closed) == set(theta)
-    for k in theta:
-        assert m_closed[k].shape == theta[k].shape, k
-        assert torch.allclose(m_closed[k], m_auto[k], rtol=1e-9, atol=1e-15), k
+    assert_closed_forms_match_autograd(inner, batch, theta, g, atol=1e-15)
 
 
 def test_products_match_double_backward_of_the_objective():

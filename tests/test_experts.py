@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from bilevel import HOAG, ImplicitCG, solve_inner
-from bilevel.linalg import HessianOperator
 from recon.experts import FieldOfExpertsDenoising, dct_filters
 from recon.losses import MSEToTarget
+
+from _inner_checks import assert_closed_forms_match_autograd
 
 DT = torch.float64
 
@@ -29,17 +30,7 @@ def test_dct_filters_are_orthonormal_and_zero_mean():
 
 def test_closed_form_gradient_and_products_match_autograd():
     inner, batch, theta, g = _setup()
-    x = batch["y"] + 0.05 * torch.randn(batch["y"].shape, generator=g, dtype=DT)
-    v = torch.randn(x.shape, generator=g, dtype=DT)
-    auto = HessianOperator(inner, x, theta, batch, mode="autograd")
-    closed = HessianOperator(inner, x, theta, batch, mode="closed")
-    xg = x.clone().requires_grad_(True)
-    (g_auto,) = torch.autograd.grad(inner.objective(xg, theta, batch).sum(), xg)
-    assert torch.allclose(inner.grad(x, theta, batch), g_auto, rtol=1e-10, atol=1e-14)
-    assert torch.allclose(closed.hvp(v), auto.hvp(v), rtol=1e-9, atol=1e-14)
-    m_auto, m_closed = auto.mixed_vjp(v), closed.mixed_vjp(v)
-    for k in theta:
-        assert torch.allclose(m_closed[k], m_auto[k], rtol=1e-9, atol=1e-14), k
+    assert_closed_forms_match_autograd(inner, batch, theta, g, atol=1e-14)
 
 
 def test_hypergradient_matches_central_differences():
