@@ -188,8 +188,7 @@ def run_noise_level(network: nn.Module, train: Mapping[str, Tensor], test: Mappi
         return stage["row"]
 
     def route(outer, tol, start=None, param_optimizer=None, net=network, inner=None, bounds=BOUNDS,
-              cap=None):
-        cap = cap or (max_iter if inner is None else (experts_max_iter or max_iter))
+              cap=max_iter):
         res, sec = learn_theta(outer, train, tol, cap, param_optimizer=param_optimizer,
                                progress=progress, start=start, inner=inner, bounds=bounds)
         x = denoise(res.theta, test["y"], tol, inner=inner)
@@ -209,10 +208,15 @@ def run_noise_level(network: nn.Module, train: Mapping[str, Tensor], test: Mappi
             x, _, extra = route(outer, tol, theta_mse, opt)
             return x, tuned.eval(), extra
         add(f"TV, task-learned θ + fine-tuned T (tol {tol:g})", tuned_route)
+    dtype = theta_mse["log_weight"].dtype
     if experts is not None:
-        _experts_rows(add, route, task_outer, experts, theta_mse, tol)
+        _regularizer_rows(add, route, task_outer, f"FoE ({experts_size(experts)} θ)", experts,
+                          experts_theta0(theta_mse, experts, dtype), EXPERTS_BOUNDS, tol,
+                          experts_max_iter or max_iter)
     if adaptive is not None:
-        _adaptive_rows(add, route, task_outer, adaptive, theta_mse, tol, adaptive_max_iter or max_iter)
+        _regularizer_rows(add, route, task_outer, f"Adaptive TV ({adaptive_tv_size(adaptive)} θ)",
+                          adaptive, adaptive_theta0(theta_mse, adaptive, dtype), ADAPTIVE_BOUNDS,
+                          tol, adaptive_max_iter or max_iter)
     return rows, images
 
 
@@ -225,24 +229,15 @@ def adaptive_theta0(theta_tv: Mapping[str, Any], inner: AdaptiveTVDenoising,
                                   log_smoothing=float(theta_tv["log_smoothing"]), dtype=dtype)
 
 
-def _adaptive_rows(add, route, task_outer, adaptive, theta_mse, tol, cap) -> None:
-    """The two adaptive-TV rows of :func:`run_noise_level` (MSE, then task from it)."""
-    name, dtype = f"Adaptive TV ({adaptive_tv_size(adaptive)} θ)", theta_mse["log_weight"].dtype
-    start = adaptive_theta0(theta_mse, adaptive, dtype)
-    ada_mse = _theta(add(f"{name}, MSE-learned θ", lambda: route(
-        MSEToTarget(), tol, start, inner=adaptive, bounds=ADAPTIVE_BOUNDS, cap=cap)), dtype)
+def _regularizer_rows(add, route, task_outer, name, inner, start, bounds, tol, cap) -> None:
+    """The two rows of a many-parameter regularizer ``inner`` in :func:`run_noise_level`: θ
+    learned for the MSE from ``start``, then for the task from that θ (box ``bounds``, at most
+    ``cap`` outer iterations each)."""
+    mse = _theta(add(f"{name}, MSE-learned θ", lambda: route(
+        MSEToTarget(), tol, start, inner=inner, bounds=bounds, cap=cap)),
+        start["log_smoothing"].dtype)
     add(f"{name}, task-learned θ (tol {tol:g})", lambda: route(
-        task_outer(), tol, ada_mse, inner=adaptive, bounds=ADAPTIVE_BOUNDS, cap=cap))
-
-
-def _experts_rows(add, route, task_outer, experts, theta_mse, tol) -> None:
-    """The two field-of-experts rows of :func:`run_noise_level` (MSE, then task from it)."""
-    name, dtype = f"FoE ({experts_size(experts)} θ)", theta_mse["log_weight"].dtype
-    start = experts_theta0(theta_mse, experts, dtype)
-    foe_mse = _theta(add(f"{name}, MSE-learned θ", lambda: route(
-        MSEToTarget(), tol, start, inner=experts, bounds=EXPERTS_BOUNDS)), dtype)
-    add(f"{name}, task-learned θ (tol {tol:g})", lambda: route(
-        task_outer(), tol, foe_mse, inner=experts, bounds=EXPERTS_BOUNDS))
+        task_outer(), tol, mse, inner=inner, bounds=bounds, cap=cap))
 
 
 def experts_size(inner: LearnedFieldOfExperts) -> int:
