@@ -14,7 +14,8 @@ task-learned θ with ResNet's last stage (``layer4``; ResNet-50: its last block 
 and ``fc`` fine-tuned by Adam in the same loop (``--experts``: two more rows, a learned field
 of experts with 81 hyperparameters learned for the MSE and for the task; ``--adaptive``: two
 more, TV with pixel weights predicted from the noisy image by a small CNN, 410 hyperparameters
-for gray images, learned the same two ways). Every outer loop runs
+for gray images, learned the same two ways in minibatches over ``--adaptive-images`` (1000)
+training images). Every outer loop runs
 to its own stop or to ``--iters`` (a row whose loop did not report success is marked ``*`` with
 the reason); over ``--seeds`` draws of data and noise the paired differences task − MSE and the
 fraction of the clean-minus-noisy accuracy gap recovered get 95 % t-intervals. With ``--root``, one more row: θ learned over the whole training set

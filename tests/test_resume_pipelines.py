@@ -227,6 +227,7 @@ def test_example_rerun_with_adaptive_adds_only_its_rows_and_old_stage_files_resu
     seen = []
     from recon.tasks.example import run_example
     res = run_example("segmentation", "cityscapes", _EXAMPLE + ["--out", str(out), "--adaptive",
+                                                                "--adaptive-images", "0",
                                                                 "--adaptive-iters", "2"],
                       on_stage=seen.append)
     assert res["stages_reused"] == len(first["results"]["0.3"])
@@ -241,4 +242,30 @@ def test_example_rerun_with_adaptive_adds_only_its_rows_and_old_stage_files_resu
     # now the file has adaptive rows: another cap is refused
     with pytest.raises(ResumeMismatchError, match=r"adaptive_iters: 2 \(saved\) != 3 \(now\)"):
         run_example("segmentation", "cityscapes", _EXAMPLE + ["--out", str(out), "--adaptive",
+                                                            "--adaptive-images", "0",
                                                             "--adaptive-iters", "3"])
+
+
+def test_example_adaptive_rows_learned_in_minibatches_over_more_images_resume(tmp_path):
+    from recon.tasks.example import run_example
+
+    out = tmp_path / "run"
+    argv = _EXAMPLE + ["--out", str(out), "--adaptive", "--adaptive-images", "10",
+                       "--adaptive-epochs", "2"]
+    seen = []
+    res = run_example("segmentation", "cityscapes", argv, on_stage=seen.append)
+    name = "Adaptive TV (410 θ) on 10 images"
+    assert seen[-2:] == [f"sigma 0.3: {name}, MSE-learned θ", f"sigma 0.3: {name}, task-learned θ"]
+    rows = {r["route"]: r for r in res["results"]["0.3"]}
+    mse, task = rows[f"{name}, MSE-learned θ"], rows[f"{name}, task-learned θ"]
+    # 10 images and 1 held out (10 %), minibatches of 50: one step per epoch, two epochs
+    assert mse["hoag_iterations"] == task["hoag_iterations"] == 2
+    assert not mse["converged"] and "maximum number of epochs (2)" in mse["hoag_message"]
+    assert len(task["theta"]["conv1.weight"]) == 8 and task["theta"] != mse["theta"]
+    assert f"{name}, task-learned θ − {name}, MSE-learned θ" in res["intervals"]["0.3"]["differences"]
+    again = run_example("segmentation", "cityscapes", argv)
+    assert again["stages_reused"] == len(res["results"]["0.3"])
+    assert again["results"]["0.3"] == res["results"]["0.3"]
+    argv[argv.index("--adaptive-epochs") + 1] = "3"
+    with pytest.raises(ResumeMismatchError, match=r"adaptive_epochs: 2 \(saved\) != 3 \(now\)"):
+        run_example("segmentation", "cityscapes", argv)

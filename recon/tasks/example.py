@@ -46,6 +46,9 @@ EXPERTS = (8, 3)
 #: learned TV log-weight (a factor e² ≈ 7.4 either way)
 ADAPTIVE = dict(hidden=8, kernel_size=7, out_kernel_size=1, log_range=2.0)
 ADAPTIVE_ITERS = 100
+#: ``--adaptive``: the training images of its routes (minibatches, ``recon.tasks.experiment.
+#: ManyImages``), the passes over them, and the fraction of further images held out to pick θ
+ADAPTIVE_IMAGES, ADAPTIVE_EPOCHS, ADAPTIVE_VAL_FRACTION = 1000, 10, 0.1
 FINETUNE = {"unet": ["up2", "up3", "outc"], "resnet18": ["layer4", "fc"], "resnet50": ["layer4.2", "fc"]}
 
 
@@ -86,15 +89,25 @@ def parse_args(source: str, argv: Optional[Sequence[str]], doc: str) -> argparse
                          "predicted from the noisy image by a small CNN: 410 hyperparameters for "
                          "gray images) learned for the MSE and for the task; a rerun of a "
                          "finished run with --adaptive adds only these rows")
+    ap.add_argument("--adaptive-images", type=nonneg, default=None,
+                    help="training images of the adaptive-TV routes, learned in minibatches of 50 "
+                         "with 10 %% more images held out to keep the best epoch's θ "
+                         f"({ADAPTIVE_IMAGES}; --quick: 16); 0: learned in one batch on the "
+                         "--n-train images like the TV rows (where 410 θ fit the noise draw)")
+    ap.add_argument("--adaptive-epochs", type=pos, default=None,
+                    help=f"passes over those images ({ADAPTIVE_EPOCHS}; --quick: 1)")
     ap.add_argument("--adaptive-iters", type=pos, default=None,
-                    help=f"cap on the outer iterations of each adaptive-TV route ({ADAPTIVE_ITERS}; "
-                         "--quick: 3)")
+                    help="with --adaptive-images 0: cap on the outer iterations of each "
+                         f"adaptive-TV route ({ADAPTIVE_ITERS}; --quick: 3)")
     ap.add_argument("--tolerances", type=float_in(0.0, 1.0, strict_low=True, strict_high=True),
                     nargs="+", default=[1e-3, 1e-5])
     ap.add_argument("--finetune-lr", type=positive, default=1e-4, help="Adam step of the fine-tuned layers")
     ap.add_argument("--checkpoint", default=None, help="T* checkpoint (default OUT/task_net.pt)")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--threads", type=pos, default=2)
+    ap.add_argument("--threads", type=pos, default=2,
+                    help="torch threads (2); T* is pretrained in float32, so its weights, and "
+                         "every row after it, depend on this number: the documented tables "
+                         "pretrain T* with --threads 1")
     ap.add_argument("--quick", action="store_true",
                     help="tiny smoke run (< 1 minute) in runs/quick/ (its numbers are not meaningful); "
                          "options given still apply")
@@ -141,7 +154,8 @@ def _check_resumes(task: str, source: str, cfg, args) -> "Stages":
         "task": task, "source": source, "root": args.root, "sigmas": args.sigmas,
         "n_train": args.n_train, "n_test": args.n_test, "iters": args.iters,
         "tolerances": args.tolerances, "finetune_lr": args.finetune_lr, "network": cfg,
-        "experts_iters": args.experts_iters, "adaptive_iters": args.adaptive_iters},
+        "experts_iters": args.experts_iters, "adaptive_iters": args.adaptive_iters,
+        "adaptive_images": args.adaptive_images, "adaptive_epochs": args.adaptive_epochs},
         args.restart)
 
 
@@ -167,9 +181,10 @@ def network_digest(network: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-#: settings added after stage files existed, with the text of the stage names they affect: a
-#: file without the setting and without such stages resumes under any value of it
-LATER_SETTINGS = {"adaptive_iters": "Adaptive TV ("}
+#: settings of optional rows, with the text of the stage names they affect: a file without
+#: such stages (also one from before the setting existed) resumes under any value of it
+LATER_SETTINGS = {"adaptive_iters": "Adaptive TV (", "adaptive_images": "Adaptive TV (",
+                  "adaptive_epochs": "Adaptive TV ("}
 
 
 class Stages:
@@ -184,8 +199,8 @@ class Stages:
             state = load_checkpoint(self.path)
             self._saved = dict(state.get("settings") or {})
             self.done = dict(state.get("done") or {})
-            for key, marker in LATER_SETTINGS.items():  # files from before the setting existed
-                if key not in self._saved and not any(marker in name for name in self.done):
+            for key, marker in LATER_SETTINGS.items():  # settings of rows not computed yet
+                if not any(marker in name for name in self.done):
                     self._saved[key] = self.settings.get(key)
             check_resume(self.path, self._saved, self.settings, ignore=["network_sha256"],
                          hint="use the saved settings, another --out, or --restart")
@@ -235,9 +250,10 @@ def summary_text(out: Dict[str, Any], metric: str) -> str:
     if iv.get("differences"):
         lines += format_intervals(iv["differences"], metric, top)
     lines.append(f"fraction of the clean-minus-noisy {metric} gap recovered at the highest σ:")
+    w = max([70] + [len(r) for r in out["gap_recovered_at_highest_sigma"]])
     for route, frac in out["gap_recovered_at_highest_sigma"].items():
         gap = iv.get("gaps", {}).get(route)
-        lines.append(f"  {route:<70} " + (format_interval(gap, 2) if gap and gap["n"] > 1 else f"{frac:.2f}"))
+        lines.append(f"  {route:<{w}} " + (format_interval(gap, 2) if gap and gap["n"] > 1 else f"{frac:.2f}"))
     lines.append(f"{out['seconds']:.0f} s; wrote {out['args']['out']}/table.json and samples_sigma*.png")
     if out["args"].get("quick"):
         lines.append(SMOKE_RUN)
@@ -253,10 +269,11 @@ def _prepare(task: str, source: str, argv, doc: str) -> argparse.Namespace:
 
     args = parse_args(source, argv, doc or __doc__)
     defaults = (dict(sigmas=[0.3], n_train=8, n_test=32, iters=3, n_pretrain=96, epochs=1, seeds=1,
-                     adaptive_iters=3)
+                     adaptive_iters=3, adaptive_images=16, adaptive_epochs=1)
                 if args.quick else dict(sigmas=[0.3], n_train=100, n_test=500, iters=100,
                                         seeds=2 if task == "segmentation" else 3,
-                                        adaptive_iters=ADAPTIVE_ITERS))
+                                        adaptive_iters=ADAPTIVE_ITERS, adaptive_images=ADAPTIVE_IMAGES,
+                                        adaptive_epochs=ADAPTIVE_EPOCHS))
     for key, value in defaults.items():  # an option given on the command line is kept
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -302,6 +319,7 @@ def _run_seed(seed, task, source, args, net, cfg, stages, lower, progress, on_st
     score = lambda logits, labels: task_scores(task, logits, labels, k)  # noqa: E731
     train, test = _splits(task, source, args, seed)
     results = {}
+    many = _many_images(task, source, args, seed) if lower["adaptive"] is not None else None
     for i, sigma in enumerate(args.sigmas):
         def finished(route, stage, sigma=sigma):
             name = stages.add(sigma, route, stage, seed)
@@ -314,12 +332,42 @@ def _run_seed(seed, task, source, args, net, cfg, stages, lower, progress, on_st
                                      finetune_lr=args.finetune_lr, progress=progress,
                                      done=stages.of(sigma, seed), on_stage=finished,
                                      experts_max_iter=args.experts_iters,
-                                     adaptive_max_iter=args.adaptive_iters, **lower)
+                                     adaptive_max_iter=args.adaptive_iters,
+                                     adaptive_many=_noisy_many(many, lower["adaptive"], sigma,
+                                                               i, seed, args), **lower)
         results[str(sigma)] = rows
         _write_json(args.out / "table.json", {"partial": True, "seed": seed, "results": results})
         if seed == 0:
             _save_samples(args.out / f"samples_sigma{sigma:g}.png", imgs, test["label"][:4], task)
     return results
+
+
+def _many_images(task, source, args, seed: int):
+    """``(train, val)`` clean images of the ``--adaptive`` routes (``None`` with
+    ``--adaptive-images 0``): ``--adaptive-images`` training-split images and
+    ``ADAPTIVE_VAL_FRACTION`` as many more to pick θ (generated scenes of seed ``seed``; a data
+    set with fewer images is split in the same ratio)."""
+    if not args.adaptive_images:
+        return None
+    n_val = max(1, round(ADAPTIVE_VAL_FRACTION * args.adaptive_images))
+    data = load_task_data(task, source, "train", args.adaptive_images + n_val, root=args.root,
+                          seed=5000 + seed)
+    m = len(data["label"])
+    n_val = max(1, round(m * n_val / (args.adaptive_images + n_val)))
+    if m - n_val < 1:
+        raise ValueError(f"--adaptive-images: the training split has {m} images, too few to "
+                         f"hold out any for choosing θ")
+    return ({k: v[:m - n_val] for k, v in data.items()}, {k: v[m - n_val:] for k, v in data.items()})
+
+
+def _noisy_many(many, inner, sigma, i, seed, args):
+    """The :class:`recon.tasks.experiment.ManyImages` of noise level ``sigma`` (or ``None``)."""
+    from .experiment import ManyImages
+    if many is None:
+        return None
+    train, val = many
+    return ManyImages(inner, _noisy(train, sigma, 300 + i + 1000 * seed),
+                      _noisy(val, sigma, 400 + i + 1000 * seed), epochs=args.adaptive_epochs)
 
 
 def _finish(task, source, args, cfg, info, per_seed, reused, t0) -> Dict[str, Any]:

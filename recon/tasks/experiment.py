@@ -23,7 +23,11 @@ For a pretrained task network ``T*`` and noisy images ``y = x + σn`` the rows a
   that task − MSE of the same regularizer measures what the upper loss adds; a start at the
   task-learned TV θ was not tried). Measured on the digit scenes (σ = 0.3, 3 seeds) neither
   route converged within 100 iterations; the MSE route gained +0.030 Dice over MSE-learned TV,
-  the task route lost 0.011 against it on the held-out scenes.
+  the task route lost 0.011 against it on the held-out scenes: its 410 θ fit the training
+  scenes' noise draw (:class:`ManyImages`);
+* optionally ``Adaptive TV (N θ) on M images, MSE-learned θ`` / ``…, task-learned θ``: the same
+  two routes learned in minibatches over ``M`` other training images (:class:`ManyImages`,
+  :class:`bilevel.MinibatchBilevel`), each kept at its best epoch on held-out training images.
 
 The task routes start where the MSE route ended (the loop then descends the task loss from
 ``θ_mse``): started at :data:`THETA0` instead, the task loss's slope toward *less* smoothing at
@@ -37,12 +41,13 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from bilevel import Bounds, InnerProblem, QuasiNewton, solve_inner
+from bilevel import Bounds, InnerProblem, MinibatchBilevel, QuasiNewton, solve_inner
 
 from ..adaptive_tv import AdaptiveTVDenoising, adaptive_tv_size
 from ..adaptive_tv import initial_theta as adaptive_initial_theta
@@ -55,7 +60,7 @@ from .pretrain import predict
 
 __all__ = ["THETA0", "BOUNDS", "GTOL", "FTOL", "EXPERTS_BOUNDS", "ADAPTIVE_BOUNDS", "relative_tolerance",
            "denoise", "learn_theta", "experts_theta0", "experts_size", "adaptive_theta0",
-           "run_noise_level"]
+           "ManyImages", "run_noise_level"]
 
 #: initial θ of every route: weight e^{-4} ≈ 0.018, smoothing e^{-4} ≈ 0.018
 THETA0 = {"log_weight": -4.0, "log_smoothing": -4.0}
@@ -71,6 +76,37 @@ EXPERTS_BOUNDS = Bounds(lower={"log_weights": -12.0, "log_smoothing": -12.0},
                         upper={"log_weights": 4.0, "log_smoothing": 2.0})
 #: the box of the adaptive-TV routes: that of TV on the two scalars (the network is free)
 ADAPTIVE_BOUNDS = Bounds(lower=dict(BOUNDS.lower), upper=dict(BOUNDS.upper))
+
+
+@dataclass
+class ManyImages:
+    """A many-parameter lower level learned over a large training set in minibatches.
+
+    ``train`` and ``val`` hold ``"image"``, ``"label"`` and the noisy ``"y"`` (float64). Both
+    routes (MSE, then task) run :class:`bilevel.MinibatchBilevel` (Adam, cosine schedule,
+    ``lr``; ``epochs`` passes of minibatches of ``batch_size`` images) and keep the epoch-end
+    θ with the lowest upper loss on ``val`` (``Result.best_theta``). Learned in one batch on a
+    hundred images the 410 θ of adaptive TV fit that draw: measured on the digit scenes at
+    σ = 0.3, the task-learned θ segments its own training scenes at Dice 0.72, the same scenes
+    with a fresh noise draw at 0.67 and new scenes at 0.64.
+    """
+
+    inner: InnerProblem
+    train: Mapping[str, Tensor]
+    val: Mapping[str, Tensor]
+    epochs: int = 10
+    batch_size: int = 50
+    lr: float = 0.1
+
+    def learn(self, outer: nn.Module, start: Mapping[str, Tensor], bounds: Optional[Bounds],
+              progress: bool = False):
+        """``(Result, best θ, seconds)`` of one route with the upper loss ``outer`` from ``start``."""
+        loop = MinibatchBilevel(self.inner, outer, optimizer="adam", lr=self.lr, epochs=self.epochs,
+                                batch_size=self.batch_size, bounds=bounds, progress=progress)
+        t0 = time.perf_counter()
+        res = loop.run({k: v.detach().clone() for k, v in start.items()}, dict(self.train),
+                       val=dict(self.val))
+        return res, res.best_theta or res.theta, time.perf_counter() - t0
 
 
 def theta0(dtype=torch.float64) -> Dict[str, Tensor]:
@@ -151,7 +187,8 @@ def run_noise_level(network: nn.Module, train: Mapping[str, Tensor], test: Mappi
                     experts: Optional[LearnedFieldOfExperts] = None,
                     experts_max_iter: Optional[int] = None,
                     adaptive: Optional[AdaptiveTVDenoising] = None,
-                    adaptive_max_iter: Optional[int] = None):
+                    adaptive_max_iter: Optional[int] = None,
+                    adaptive_many: Optional[ManyImages] = None):
     """All rows (module docstring) for one noise level; ``train``/``test`` hold ``"image"``,
     ``"label"`` and the noisy ``"y"`` (float64). Returns ``(rows, images)`` where ``images``
     maps a route to the test images its task network saw and that network's logits.
@@ -167,7 +204,9 @@ def run_noise_level(network: nn.Module, train: Mapping[str, Tensor], test: Mappi
     outer iterations. With ``adaptive`` (a :class:`recon.adaptive_tv.AdaptiveTVDenoising`) two
     more rows the same way: its θ learned for the MSE (from :func:`adaptive_theta0`: plain TV
     at the MSE-learned TV θ) and then for the task (from the adaptive MSE θ), each capped at
-    ``adaptive_max_iter`` (default ``max_iter``)."""
+    ``adaptive_max_iter`` (default ``max_iter``). With ``adaptive_many`` (a :class:`ManyImages`
+    of adaptive TV) those two rows are learned in minibatches over its training set instead,
+    named ``"Adaptive TV (N θ) on M images, …"``."""
     network.eval()
     f32 = lambda t: t.to(next(network.parameters()).dtype)  # noqa: E731
     rows, images, done = [], {}, dict(done or {})
@@ -213,7 +252,12 @@ def run_noise_level(network: nn.Module, train: Mapping[str, Tensor], test: Mappi
         _regularizer_rows(add, route, task_outer, f"FoE ({experts_size(experts)} θ)", experts,
                           experts_theta0(theta_mse, experts, dtype), EXPERTS_BOUNDS, tol,
                           experts_max_iter or max_iter)
-    if adaptive is not None:
+    if adaptive_many is not None:
+        inner = adaptive_many.inner
+        _many_rows(add, task_outer, network, f"Adaptive TV ({adaptive_tv_size(inner)} θ) on "
+                   f"{len(adaptive_many.train['y'])} images", adaptive_many,
+                   adaptive_theta0(theta_mse, inner, dtype), ADAPTIVE_BOUNDS, test["y"], tol, progress)
+    elif adaptive is not None:
         _regularizer_rows(add, route, task_outer, f"Adaptive TV ({adaptive_tv_size(adaptive)} θ)",
                           adaptive, adaptive_theta0(theta_mse, adaptive, dtype), ADAPTIVE_BOUNDS,
                           tol, adaptive_max_iter or max_iter)
@@ -238,6 +282,20 @@ def _regularizer_rows(add, route, task_outer, name, inner, start, bounds, tol, c
         start["log_smoothing"].dtype)
     add(f"{name}, task-learned θ (tol {tol:g})", lambda: route(
         task_outer(), tol, mse, inner=inner, bounds=bounds, cap=cap))
+
+
+def _many_rows(add, task_outer, network, name, many: ManyImages, start, bounds, test_y, tol,
+               progress) -> None:
+    """The two rows of :class:`ManyImages` in :func:`run_noise_level`: θ learned for the MSE
+    from ``start``, then for the task from that route's best θ; each scored with its best θ."""
+    def route(outer, th0):
+        res, theta, sec = many.learn(outer, th0, bounds, progress)
+        x = denoise(theta, test_y, tol, inner=many.inner)
+        return x, network, dict(theta=theta, res=res, seconds=sec)
+
+    mse = _theta(add(f"{name}, MSE-learned θ", lambda: route(MSEToTarget(), start)),
+                 start["log_smoothing"].dtype)
+    add(f"{name}, task-learned θ", lambda: route(task_outer(), mse))
 
 
 def experts_size(inner: LearnedFieldOfExperts) -> int:

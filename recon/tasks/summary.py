@@ -131,11 +131,12 @@ def format_table(results: Dict[str, List[Dict[str, Any]]], metrics: Sequence[str
     whose loop did not converge at some σ or seed is marked ``*`` and listed below."""
     sigmas = list(results)
     routes = [r["route"] for r in results[sigmas[0]]]
-    head = f"{'':<52}" + "".join(f"{f'{m} σ={s}':>14}" for s in sigmas for m in metrics)
+    w = max([52] + [len(r) + 3 for r in routes])
+    head = f"{'':<{w}}" + "".join(f"{f'{m} σ={s}':>14}" for s in sigmas for m in metrics)
     lines = [head]
     for i, route in enumerate(routes):
         mark = " *" if any(not results[s][i].get("converged", True) for s in sigmas) else ""
-        lines.append(f"{route + mark:<52}" + "".join(f"{results[s][i][m]:>14.4f}"
+        lines.append(f"{route + mark:<{w}}" + "".join(f"{results[s][i][m]:>14.4f}"
                                                      for s in sigmas for m in metrics))
     missed = not_converged(results)
     if missed:
@@ -157,5 +158,6 @@ def format_intervals(differences: Mapping[str, Mapping[str, Any]], metric: str,
     """Text lines: the paired differences with their 95 % intervals."""
     at = "" if sigma is None else f" at σ={sigma}"
     lines = [f"paired differences of {metric}{at} (mean [95 % t-interval] over seeds):"]
-    lines += [f"  {name:<70} {format_interval(iv)}" for name, iv in differences.items()]
+    w = max([70] + [len(name) for name in differences])
+    lines += [f"  {name:<{w}} {format_interval(iv)}" for name, iv in differences.items()]
     return lines
