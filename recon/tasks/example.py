@@ -29,7 +29,7 @@ from .cli import data_settings, task_loss, task_scores
 from ..adaptive_tv import AdaptiveTVDenoising
 from ..learned_experts import LearnedFieldOfExperts
 from .data import default_network_config, load_task_data
-from .experiment import run_noise_level
+from .experiment import ManyImages, run_noise_level
 from .summary import (comparisons, format_interval, format_intervals, format_table, gap_intervals,
                       gap_recovered, mean_rows, paired_differences)
 from .pretrain import (build_task_network, check_pretraining_resume, pretrain,
@@ -362,7 +362,6 @@ def _many_images(task, source, args, seed: int):
 
 def _noisy_many(many, inner, sigma, i, seed, args):
     """The :class:`recon.tasks.experiment.ManyImages` of noise level ``sigma`` (or ``None``)."""
-    from .experiment import ManyImages
     if many is None:
         return None
     train, val = many

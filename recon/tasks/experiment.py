@@ -204,9 +204,8 @@ def run_noise_level(network: nn.Module, train: Mapping[str, Tensor], test: Mappi
     outer iterations. With ``adaptive`` (a :class:`recon.adaptive_tv.AdaptiveTVDenoising`) two
     more rows the same way: its θ learned for the MSE (from :func:`adaptive_theta0`: plain TV
     at the MSE-learned TV θ) and then for the task (from the adaptive MSE θ), each capped at
-    ``adaptive_max_iter`` (default ``max_iter``). With ``adaptive_many`` (a :class:`ManyImages`
-    of adaptive TV) those two rows are learned in minibatches over its training set instead,
-    named ``"Adaptive TV (N θ) on M images, …"``."""
+    ``adaptive_max_iter`` (default ``max_iter``). With ``adaptive_many`` (:class:`ManyImages`)
+    they are learned in minibatches over its images instead (``"… on M images, …"``)."""
     network.eval()
     f32 = lambda t: t.to(next(network.parameters()).dtype)  # noqa: E731
     rows, images, done = [], {}, dict(done or {})
@@ -253,10 +252,7 @@ def run_noise_level(network: nn.Module, train: Mapping[str, Tensor], test: Mappi
                           experts_theta0(theta_mse, experts, dtype), EXPERTS_BOUNDS, tol,
                           experts_max_iter or max_iter)
     if adaptive_many is not None:
-        inner = adaptive_many.inner
-        _many_rows(add, task_outer, network, f"Adaptive TV ({adaptive_tv_size(inner)} θ) on "
-                   f"{len(adaptive_many.train['y'])} images", adaptive_many,
-                   adaptive_theta0(theta_mse, inner, dtype), ADAPTIVE_BOUNDS, test["y"], tol, progress)
+        _many_rows(add, task_outer, network, adaptive_many, theta_mse, test["y"], tol, progress)
     elif adaptive is not None:
         _regularizer_rows(add, route, task_outer, f"Adaptive TV ({adaptive_tv_size(adaptive)} θ)",
                           adaptive, adaptive_theta0(theta_mse, adaptive, dtype), ADAPTIVE_BOUNDS,
@@ -284,12 +280,16 @@ def _regularizer_rows(add, route, task_outer, name, inner, start, bounds, tol, c
         task_outer(), tol, mse, inner=inner, bounds=bounds, cap=cap))
 
 
-def _many_rows(add, task_outer, network, name, many: ManyImages, start, bounds, test_y, tol,
-               progress) -> None:
-    """The two rows of :class:`ManyImages` in :func:`run_noise_level`: θ learned for the MSE
-    from ``start``, then for the task from that route's best θ; each scored with its best θ."""
+def _many_rows(add, task_outer, network, many: ManyImages, theta_mse, test_y, tol, progress) -> None:
+    """The two adaptive-TV rows of :class:`ManyImages` in :func:`run_noise_level`: θ learned
+    for the MSE from :func:`adaptive_theta0` at the MSE-learned TV θ ``theta_mse``, then for
+    the task from that route's best θ (box :data:`ADAPTIVE_BOUNDS`); each scored with its best θ."""
+    inner = many.inner
+    name = f"Adaptive TV ({adaptive_tv_size(inner)} θ) on {len(many.train['y'])} images"
+    start = adaptive_theta0(theta_mse, inner, theta_mse["log_weight"].dtype)
+
     def route(outer, th0):
-        res, theta, sec = many.learn(outer, th0, bounds, progress)
+        res, theta, sec = many.learn(outer, th0, ADAPTIVE_BOUNDS, progress)
         x = denoise(theta, test_y, tol, inner=many.inner)
         return x, network, dict(theta=theta, res=res, seconds=sec)
 
