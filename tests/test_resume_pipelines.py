@@ -269,3 +269,21 @@ def test_example_adaptive_rows_learned_in_minibatches_over_more_images_resume(tm
     argv[argv.index("--adaptive-epochs") + 1] = "3"
     with pytest.raises(ResumeMismatchError, match=r"adaptive_epochs: 2 \(saved\) != 3 \(now\)"):
         run_example("segmentation", "cityscapes", argv)
+
+
+def test_example_adaptive_split_too_small_is_refused_before_pretraining(tmp_path, monkeypatch):
+    import recon.tasks.example as example
+
+    real = example.load_task_data
+
+    def one_image_for_adaptive(task, source, split, n, **kw):  # a data set with 1 spare image
+        return real(task, source, split, 1 if kw.get("seed", 0) >= 5000 else n, **kw)
+
+    def no_pretraining(*a, **k):
+        raise AssertionError("pretraining started before the data were checked")
+
+    monkeypatch.setattr(example, "load_task_data", one_image_for_adaptive)
+    monkeypatch.setattr(example, "_pretrained", no_pretraining)
+    argv = _EXAMPLE + ["--out", str(tmp_path / "run"), "--adaptive", "--adaptive-images", "10"]
+    with pytest.raises(ValueError, match="--adaptive-images: the training split has 1 images"):
+        example.run_example("segmentation", "cityscapes", argv)

@@ -304,22 +304,25 @@ def run_example(task: str, source: str, argv: Optional[Sequence[str]] = None,
     cfg = _network_config(task, source, args)
     stages = _check_resumes(task, source, cfg, args)
     channels = _splits(task, source, args)[0]["image"].shape[1]  # data errors before pretraining
+    many0 = _many_images(task, source, args, 0) if args.adaptive else None  # ditto
     net, info = _pretrained(task, source, cfg, args, progress, on_stage)
     stages.bind_network(network_digest(net))
     lower = {"experts": LearnedFieldOfExperts(*EXPERTS) if args.experts else None,
              "adaptive": AdaptiveTVDenoising(channels, **ADAPTIVE) if args.adaptive else None}
-    per_seed = [_run_seed(seed, task, source, args, net, cfg, stages, lower, progress, on_stage)
-                for seed in range(args.seeds)]
+    per_seed = [_run_seed(seed, task, source, args, net, cfg, stages, lower, progress, on_stage,
+                          many0 if seed == 0 else None) for seed in range(args.seeds)]
     return _finish(task, source, args, cfg, info, per_seed, stages.reused, t0)
 
 
-def _run_seed(seed, task, source, args, net, cfg, stages, lower, progress, on_stage):
-    """``{str(σ): rows}`` of one seed (its data, its noise; stages of earlier runs reused)."""
+def _run_seed(seed, task, source, args, net, cfg, stages, lower, progress, on_stage, many=None):
+    """``{str(σ): rows}`` of one seed (its data, its noise; stages of earlier runs reused);
+    ``many``: this seed's :func:`_many_images`, if already loaded."""
     k, loss = cfg["num_classes"], task_loss(task)
     score = lambda logits, labels: task_scores(task, logits, labels, k)  # noqa: E731
     train, test = _splits(task, source, args, seed)
     results = {}
-    many = _many_images(task, source, args, seed) if lower["adaptive"] is not None else None
+    if many is None and lower["adaptive"] is not None:
+        many = _many_images(task, source, args, seed)
     for i, sigma in enumerate(args.sigmas):
         def finished(route, stage, sigma=sigma):
             name = stages.add(sigma, route, stage, seed)
