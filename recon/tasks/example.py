@@ -31,7 +31,7 @@ from ..learned_experts import LearnedFieldOfExperts
 from .data import default_network_config, load_task_data
 from .experiment import ManyImages, run_noise_level
 from .summary import (comparisons, format_interval, format_intervals, format_table, gap_intervals,
-                      gap_recovered, mean_rows, paired_differences)
+                      gap_recovered, label_width, mean_rows, paired_differences)
 from .pretrain import (build_task_network, check_pretraining_resume, pretrain,
                        pretraining_settings)
 
@@ -183,7 +183,7 @@ def network_digest(network: torch.nn.Module) -> str:
 
 #: settings of optional rows, with the text of the stage names they affect: a file without
 #: such stages (also one from before the setting existed) resumes under any value of it
-LATER_SETTINGS = {"adaptive_iters": "Adaptive TV (", "adaptive_images": "Adaptive TV (",
+OPTIONAL_ROW_SETTINGS = {"adaptive_iters": "Adaptive TV (", "adaptive_images": "Adaptive TV (",
                   "adaptive_epochs": "Adaptive TV ("}
 
 
@@ -199,7 +199,7 @@ class Stages:
             state = load_checkpoint(self.path)
             self._saved = dict(state.get("settings") or {})
             self.done = dict(state.get("done") or {})
-            for key, marker in LATER_SETTINGS.items():  # settings of rows not computed yet
+            for key, marker in OPTIONAL_ROW_SETTINGS.items():  # settings of rows not computed yet
                 if not any(marker in name for name in self.done):
                     self._saved[key] = self.settings.get(key)
             check_resume(self.path, self._saved, self.settings, ignore=["network_sha256"],
@@ -250,7 +250,7 @@ def summary_text(out: Dict[str, Any], metric: str) -> str:
     if iv.get("differences"):
         lines += format_intervals(iv["differences"], metric, top)
     lines.append(f"fraction of the clean-minus-noisy {metric} gap recovered at the highest σ:")
-    w = max([70] + [len(r) for r in out["gap_recovered_at_highest_sigma"]])
+    w = label_width(out["gap_recovered_at_highest_sigma"])
     for route, frac in out["gap_recovered_at_highest_sigma"].items():
         gap = iv.get("gaps", {}).get(route)
         lines.append(f"  {route:<{w}} " + (format_interval(gap, 2) if gap and gap["n"] > 1 else f"{frac:.2f}"))

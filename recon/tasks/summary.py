@@ -23,7 +23,8 @@ import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 __all__ = ["t_interval", "mean_rows", "gap_recovered", "paired_differences", "gap_intervals",
-           "comparisons", "format_table", "not_converged", "format_interval", "format_intervals"]
+           "comparisons", "format_table", "not_converged", "format_interval", "format_intervals",
+           "label_width"]
 
 #: the baseline every learned route is compared with
 MSE_ROUTE = "TV, MSE-learned θ"
@@ -153,11 +154,16 @@ def format_interval(iv: Mapping[str, Any], digits: int = 4) -> str:
             f"(seeds: {vals})")
 
 
+def label_width(labels, least: int = 70) -> int:
+    """Width of a text column of ``labels``: the longest label, at least ``least`` characters."""
+    return max([least] + [len(label) for label in labels])
+
+
 def format_intervals(differences: Mapping[str, Mapping[str, Any]], metric: str,
                      sigma: Optional[str] = None) -> List[str]:
     """Text lines: the paired differences with their 95 % intervals."""
     at = "" if sigma is None else f" at σ={sigma}"
     lines = [f"paired differences of {metric}{at} (mean [95 % t-interval] over seeds):"]
-    w = max([70] + [len(name) for name in differences])
+    w = label_width(differences)
     lines += [f"  {name:<{w}} {format_interval(iv)}" for name, iv in differences.items()]
     return lines
