@@ -48,7 +48,7 @@ from torch import Tensor
 from .history import tolerance_schedule
 from .outer import UNCONFIRMED, LoopState, OuterLoop, implicit_estimator
 from .problem import (Bounds, HypergradientEstimator, InnerProblem, OuterLoss, Theta,
-                      check_tolerance, project, theta_axpy, theta_distance, theta_dot,
+                      check_tolerance, gradient_mapping_norm, project, theta_axpy, theta_distance, theta_dot,
                       theta_floats, theta_norm, theta_sub)
 
 __all__ = ["HOAG", "HOAGState"]
@@ -320,9 +320,7 @@ class HOAG(OuterLoop):
 
     def _mapping_norm(self, st: HOAGState) -> float:
         """``‖G(g)‖ = ‖θ − Π(θ − g)‖`` (the projected gradient; ``‖g‖`` without bounds)."""
-        if self.bounds is None:
-            return theta_norm(st.grad)
-        return theta_distance(project(theta_axpy(-1.0, st.grad, st.theta), self.bounds), st.theta)
+        return gradient_mapping_norm(st.theta, st.grad, self.bounds)
 
     def _check_stop(self, st: HOAGState, batch: Any) -> None:
         if st.message is not None:

@@ -38,6 +38,9 @@ def outer_gradients(outer: OuterLoss, x: Tensor, theta: Theta, batch: Any,
         xr = x.detach().requires_grad_(True)
         th = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
         loss = outer(xr, th, batch)
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"outer loss must return a scalar torch.Tensor (differentiable in x "
+                            f"and θ), got {type(loss).__name__} {loss!r}")
         if loss.dim() != 0:
             raise ValueError(f"outer loss must return a scalar, got shape {tuple(loss.shape)}")
         names = list(th)

@@ -76,7 +76,7 @@ from .hypergrad import outer_gradients
 from .linalg import NonPositiveCurvatureError, batch_norm
 from .outer import LoopState, OuterLoop
 from .problem import (Bounds, Hypergradient, InnerProblem, OuterLoss, Theta, check_tolerance,
-                      project, theta_axpy, theta_distance, theta_floats, theta_norm)
+                      gradient_mapping_norm, project, theta_axpy, theta_distance, theta_floats)
 from .solvers import METHODS, SolveResult
 
 __all__ = ["MAID", "MAIDState"]
@@ -135,6 +135,13 @@ class MAIDState(LoopState):
     hg: Optional[Hypergradient] = None
 
     TRANSIENT: ClassVar[Tuple[str, ...]] = ("sol", "hg")
+
+
+def _moved_norm(z: Theta, trial: Theta, theta: Theta) -> float:
+    """``‖z_S‖`` in float64, ``S`` the entries where ``trial`` differs from ``theta``: with
+    ``m = θ − θ⁺`` zero off ``S``, ``⟨∇ℓ, m⟩ ≤ ‖(∇ℓ)_S‖‖m‖``."""
+    return math.sqrt(sum(float((z[k].detach().double() ** 2)[trial[k] != theta[k]].sum())
+                         for k in z))
 
 
 class MAID(OuterLoop):
@@ -294,9 +301,7 @@ class MAID(OuterLoop):
     def _gradient_mapping_norm(self, theta: Theta, z: Theta, beta: float) -> float:
         """``‖G_β(z)‖ = ‖θ − Π(θ − βz)‖/β`` (``= ‖z‖`` without bounds). ``Π`` is nonexpansive, so
         ``|‖G_β(z)‖ − ‖G_β(∇ℓ)‖| ≤ ‖z − ∇ℓ‖ ≤ ω``."""
-        if self.bounds is None:
-            return theta_norm(z)
-        return theta_distance(project(theta_axpy(-beta, z, theta), self.bounds), theta) / beta
+        return gradient_mapping_norm(theta, z, self.bounds, beta)
 
     # ----- one iteration ----------------------------------------------------------------------
     def _iterate(self, st: MAIDState, batch: Any) -> Dict[str, Any]:
@@ -436,10 +441,11 @@ class MAID(OuterLoop):
                 st.hg, st.hg_delta = hg_t, st.delta
                 break
             backtracks += 1
-            # no step along z decreases ℓ by more than (‖z‖ + ω)‖θ⁺ − θ_k‖; if the computed loss
-            # decreased enough and only the allowances spoil the certificate, a shorter step
-            # cannot help, a tighter ε can: end the line search as failed ("coarse")
-            if allowance + a_t >= (hg.norm() + omega) * move or (
+            # no step along z decreases ℓ by more than (‖z_S‖ + ω)‖θ⁺ − θ_k‖ (S: the entries the
+            # projected step moves; a bound holds the others); if the computed loss decreased
+            # enough and only the allowances spoil the certificate, a shorter step cannot help,
+            # a tighter ε can: end the line search as failed ("coarse")
+            if allowance + a_t >= (_moved_norm(z, trial, st.theta) + omega) * move or (
                     _finite(loss_t) and loss_t <= hg.loss - self.c1 * move ** 2 / b):
                 coarse = True
                 break

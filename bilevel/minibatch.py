@@ -74,8 +74,8 @@ from .history import History, Result, check_writable
 from .hypergrad import ImplicitCG
 from .linalg import NonPositiveCurvatureError, batch_norm
 from .problem import (Bounds, HypergradientEstimator, InnerProblem, OuterLoss, Theta, check_theta,
-                      check_tolerance, project, theta_axpy, theta_distance, theta_floats,
-                      theta_norm, validate_inner)
+                      check_tolerance, gradient_mapping_norm, project, theta_floats, theta_norm,
+                      validate_inner)
 from .solvers import solve_inner
 from .stochastic import OPTIMIZERS, SCHEDULES, make_optimizer
 from .warmcache import INDEX_KEY, IndexedDataset, WarmStartCache, batch_indices
@@ -475,9 +475,7 @@ class MinibatchBilevel:
 
     def _mapping_norm(self, theta: Theta, grad: Theta) -> float:
         """``‖θ − Π(θ − g)‖`` (``‖g‖`` without bounds)."""
-        if self.bounds is None:
-            return theta_norm(grad)
-        return theta_distance(project(theta_axpy(-1.0, grad, theta), self.bounds), theta)
+        return gradient_mapping_norm(theta, grad, self.bounds)
 
     # ----- epochs -----------------------------------------------------------------------------
     def _train_epoch(self, st: MinibatchState, ctx, history: History, bar) -> None:

@@ -292,12 +292,13 @@ class OuterLoop:
         """Inner solve at ``theta``; returns ``(solution, None)`` or ``(solution or None, why it
         failed)``: non-positive curvature, a non-finite point or gradient, or the iteration cap."""
         cap = self.inner_max_iter if max_iter is None else max_iter
-        try:
-            sol = solve_inner(self.inner, theta, batch, tol, x0=x_start, method=self.inner_method,
-                              max_iter=cap)
-            failure = None
-        except (NonPositiveCurvatureError, FloatingPointError) as exc:
-            sol, failure = None, f"inner solve failed: {exc}"
+        sol, failure = None, self._convexity_failure(theta, batch)
+        if failure is None:
+            try:
+                sol = solve_inner(self.inner, theta, batch, tol, x0=x_start,
+                                  method=self.inner_method, max_iter=cap)
+            except (NonPositiveCurvatureError, FloatingPointError) as exc:
+                failure = f"inner solve failed: {exc}"
         if dist_.is_active():  # one verdict for all ranks (sol is then global in its counts)
             return self._solve_global(st, sol, failure, tol)
         if sol is None:
@@ -309,6 +310,19 @@ class OuterLoop:
             return sol, (f"inner solve hit its iteration cap before tolerance {tol:.2e} "
                          f"(max ‖∇Φ‖ = {float(sol.grad_norm.max()):.2e})")
         return sol, None
+
+    def _convexity_failure(self, theta: Theta, batch: Any) -> Optional[str]:
+        """Why the inner problem has no unique minimiser at ``theta`` by its own account
+        (``strong_convexity_constant`` given and not > 0: a singular or indefinite Hessian, where
+        the implicit hypergradient does not exist), or ``None``."""
+        mu = self.inner.strong_convexity_constant(theta, batch)
+        if mu is None:
+            return None
+        mu = float(mu)
+        if math.isfinite(mu) and mu > 0:
+            return None
+        return (f"the inner problem is not strongly convex at θ = {theta_floats(theta)} "
+                f"({type(self.inner).__name__}.strong_convexity_constant = {mu!r})")
 
     def _solve_global(self, st: LoopState, sol: Optional[SolveResult], failure: Optional[str],
                       tol: float) -> Tuple[Optional[SolveResult], Optional[str]]:

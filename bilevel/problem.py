@@ -91,6 +91,10 @@ def check_theta(theta: Mapping[str, Tensor], expected: Optional[Tuple[str, ...]]
     for k, v in theta.items():
         if not isinstance(v, Tensor):
             raise TypeError(f"theta[{k!r}] must be a torch.Tensor, got {type(v).__name__}")
+        if not v.is_floating_point():
+            raise TypeError(f"theta[{k!r}] must be a floating-point tensor (hyperparameters are "
+                            f"differentiated), got dtype {v.dtype}; e.g. torch.tensor(0.0, "
+                            f"dtype=torch.float64)")
         check_finite(f"theta[{k!r}]", v)
     return dict(theta)
 
@@ -123,6 +127,29 @@ def theta_dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
 def theta_distance(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
     """``‖a − b‖`` over all names (float64)."""
     return theta_norm(theta_sub(a, b))
+
+
+def gradient_mapping_norm(theta: Mapping[str, Tensor], grad: Mapping[str, Tensor],
+                          bounds: Optional["Bounds"], step: float = 1.0) -> float:
+    """``‖G_t(g)‖ = ‖θ − Π(θ − t·g)‖/t`` in float64 (``‖g‖`` without bounds), ``t = step > 0``.
+
+    Computed entry by entry as ``G_t(g)_i = clamp(g_i, (θ_i − u_i)/t, (θ_i − l_i)/t)``, which
+    equals the formula without forming ``θ − t·g``: that difference rounds back to ``θ`` when
+    ``t·|g_i|`` is below half a unit in the last place of ``θ_i`` (a small step, or a small
+    gradient of a float32 θ), and the norm would read 0 at a point that is not stationary.
+    """
+    if bounds is None:
+        return theta_norm(grad)
+    total = 0.0
+    for k, g in grad.items():
+        g64, th = g.detach().double(), theta[k].detach().double()
+        lo, hi = bounds.lower.get(k), bounds.upper.get(k)
+        low = None if hi is None else (th - hi) / step
+        high = None if lo is None else (th - lo) / step
+        if low is not None or high is not None:
+            g64 = torch.clamp(g64, min=low, max=high)
+        total += float((g64 ** 2).sum())
+    return math.sqrt(total)
 
 
 @dataclass

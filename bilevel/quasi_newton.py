@@ -190,7 +190,8 @@ class QuasiNewton(OuterLoop):
     max_iter: outer iterations (every trial point is one, accepted or not).
     max_move: cap of one step, ``‖Δθ‖_∞ ≤ max_move·max(1, ‖θ‖_∞)``.
     c1: sufficient-decrease constant in (0, 1).
-    gtol: relative stopping tolerance on ``‖G(g)‖`` (``0`` disables it); ftol: a stop also
+    gtol: relative stopping tolerance on ``‖G(g)‖`` (``0`` disables it; raised to the accuracy
+        floor of the dtype, ``1e-5`` in float32, below which the gradient is noise); ftol: a stop also
         needs the decrease the quasi-Newton model still expects, ``−½⟨g, Δθ⟩``, to be at most
         ``ftol·(ℓ₀ − ℓ_k)`` (``0`` disables it); floor_gtol: the looser
         one accepted when no measurable decrease is left at the accuracy floor; xtol: the
@@ -247,10 +248,20 @@ class QuasiNewton(OuterLoop):
 
     # ----- accuracies -------------------------------------------------------------------------
     def _floor(self, st: QuasiNewtonState) -> float:
-        if self.tol_min is not None:
-            return self.tol_min
+        return self._dtype_floor(st) if self.tol_min is None else self.tol_min
+
+    @staticmethod
+    def _dtype_floor(st: QuasiNewtonState) -> float:
+        """The accuracy a hypergradient can reach in the working dtype: ``1e-10`` in float64,
+        ``1e-5`` otherwise."""
         dtype = st.x.dtype if st.x is not None else next(iter(st.theta.values())).dtype
         return 1e-10 if dtype == torch.float64 else 1e-5
+
+    def _gtol(self, st: QuasiNewtonState) -> float:
+        """``gtol``, raised to :meth:`_dtype_floor`: a relative gradient below the relative
+        accuracy of its own evaluation cannot be told from noise (in float32 the loop would spin
+        to ``max_iter`` at the optimum)."""
+        return max(self.gtol, self._dtype_floor(st)) if self.gtol > 0 else 0.0
 
     def _confirm_eps(self, st: QuasiNewtonState) -> float:
         return max(self._floor(st), 1e-2 * self.gtol)
@@ -478,7 +489,8 @@ class QuasiNewton(OuterLoop):
         """Stop when ``‖G‖ ≤ gtol·‖G₀‖`` and the model decrease is at most ``ftol·(ℓ₀ − ℓ)``,
         claimed only at the confirmation accuracy. (A looser gradient test with the model test
         alone gave false successes: the L-BFGS model underestimates what is left.)"""
-        if not (self.gtol > 0 and st.gnorm <= self.gtol * st.g0):
+        gtol = self._gtol(st)
+        if not (gtol > 0 and st.gnorm <= gtol * st.g0):
             return
         model = self._model_decrease(st, flat)
         allowed = self.ftol * max(st.loss0 - st.loss, 0.0)

@@ -31,6 +31,21 @@ def test_non_finite_theta():
         solve_inner(TVDenoising(), dict(THETA, log_weight=torch.tensor(float("nan"))), _batch(), tol=1e-6)
 
 
+def test_integer_theta_is_named():
+    with pytest.raises(TypeError, match=r"theta\['log_weight'\] must be a floating-point.*int64"):
+        HOAG(TVDenoising(), MSEToTarget(), max_iter=1).run(
+            dict(THETA, log_weight=torch.tensor(-2)), _batch())
+
+
+def test_outer_loss_returning_a_python_float_is_named():
+    class FloatLoss(MSEToTarget):
+        def forward(self, x, theta, batch):
+            return float(super().forward(x, theta, batch).detach())
+
+    with pytest.raises(TypeError, match="outer loss must return a scalar torch.Tensor.*float"):
+        HOAG(TVDenoising(), FloatLoss(), max_iter=1).run(dict(THETA), _batch())
+
+
 def test_non_finite_data():
     b = _batch()
     b["y"][0, 0, 0, 0] = float("inf")

@@ -1,0 +1,133 @@
+"""Stopping rules on a user-style problem with two hyperparameters of different shapes.
+
+Inner (per sample ``b``, ``x_b ∈ R^d``): ``Φ_b(x; a, v) = mean_d[½(x − y_b)² + ½e^a x² − v x]``,
+so ``x̂_b = (y_b + v)/(1 + e^a)``; upper loss ``½ mean (x̂ − t)²``. With ``s = 1/(1 + e^a)`` and
+``u = s v`` the upper loss is a least-squares fit ``t ≈ s y + u``: the optimum has a closed form.
+
+The cases: a bound that is active at the optimum (MAID's line search once never ended such a run
+with success, and in float32 certified a point 16 % above the optimum); bounds in float32 with a
+small upper loss (the projected gradient was formed in θ's dtype and read 0 at the start); and
+QuasiNewton in float32 (its ``gtol`` sat below the gradient's own accuracy, so it spun to
+``max_iter`` at the optimum).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bilevel import HOAG, MAID, Bounds, InnerProblem, OuterLoss, QuasiNewton
+from bilevel.problem import gradient_mapping_norm
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class ShiftShrink(InnerProblem):
+    """``mean_d[½(x − y)² + ½e^a x² − v x]`` per sample (module docstring)."""
+
+    theta_names = ("a", "v")
+
+    def __init__(self, agg: str = "mean"):
+        self.agg = agg
+
+    def objective(self, x, theta, batch):
+        phi = 0.5 * (x - batch["y"]) ** 2 + 0.5 * torch.exp(theta["a"]) * x ** 2 - theta["v"] * x
+        return phi.mean(-1) if self.agg == "mean" else phi.sum(-1)
+
+    def init(self, theta, batch):
+        return torch.zeros_like(batch["y"])
+
+    def strong_convexity_constant(self, theta, batch):
+        return (1 + float(torch.exp(theta["a"]))) / (batch["y"].shape[-1] if self.agg == "mean" else 1)
+
+
+class Fit(OuterLoss):
+    def __init__(self, scale: float = 1.0, agg: str = "mean"):
+        super().__init__()
+        self.scale, self.agg = scale, agg
+
+    def forward(self, x, theta, batch):
+        r = 0.5 * (x - batch["t"]) ** 2
+        return self.scale * (r.mean() if self.agg == "mean" else r.sum())
+
+
+def _data(dtype, n=50, d=5):
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(n, d, generator=g, dtype=torch.float64)
+    t = 0.6 * y + torch.randn(d, generator=g, dtype=torch.float64) \
+        + 0.5 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    return {"y": y.to(dtype), "t": t.to(dtype)}
+
+
+def _loss(theta, batch, scale=1.0):
+    """The exact upper loss at θ (closed-form x̂, float64)."""
+    b = {k: v.double() for k, v in batch.items()}
+    a, v = theta["a"].double(), theta["v"].double()
+    return float(Fit(scale)((b["y"] + v) / (1 + torch.exp(a)), theta, b))
+
+
+def _optimum(batch, a_min=-math.inf):
+    """``(θ*, ℓ*)``: the least-squares fit; with ``a ≥ a_min`` active, ``s = 1/(1 + e^{a_min})``
+    is fixed and only ``u`` is fitted."""
+    y, t = batch["y"].double(), batch["t"].double()
+    yc, tc = y - y.mean(0), t - t.mean(0)
+    s = float((yc * tc).sum() / (yc * yc).sum())
+    if math.log(1 / s - 1) < a_min:
+        s = 1 / (1 + math.exp(a_min))
+    u = t.mean(0) - s * y.mean(0)
+    theta = {"a": torch.tensor(math.log(1 / s - 1), dtype=torch.float64), "v": u / s}
+    return theta, _loss(theta, batch)
+
+
+def _start(dtype, a=0.0, v=0.0):
+    return {"a": torch.tensor(a, dtype=dtype), "v": torch.full((5,), v, dtype=dtype)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_maid_with_a_bound_active_at_the_optimum_reaches_it(dtype):
+    batch = _data(dtype)
+    bounds = Bounds(lower={"a": 0.0})  # the free optimum has a ≈ −0.4
+    _, f_star = _optimum(batch, a_min=0.0)
+    res = MAID(ShiftShrink(), Fit(), bounds=bounds).run(_start(dtype, a=1.0), batch)
+    gap = (_loss(res.theta, batch) - f_star) / f_star
+    assert res.success, res.message
+    assert float(res.theta["a"]) == pytest.approx(0.0, abs=1e-6)
+    assert gap < (1e-8 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("loop", [HOAG, MAID])
+def test_float32_bounds_and_a_small_upper_loss_claim_no_false_success(loop):
+    batch = _data(torch.float32)
+    scale = 1e-8  # a loss in small units: a gradient below half an ulp of θ
+    bounds = Bounds(lower={"a": -5.0}, upper={"a": 5.0})  # not active at the optimum
+    _, f_star = _optimum(batch)
+    res = loop(ShiftShrink(), Fit(scale), bounds=bounds).run(_start(torch.float32, 2.0, 3.0), batch)
+    gap = (_loss(res.theta, batch) - f_star) / f_star
+    assert res.n_iter > 1
+    assert not res.success or gap < 1e-3, (res.message, gap)
+
+
+@pytest.mark.parametrize("agg", ["mean", "sum"])
+def test_quasi_newton_in_float32_stops_at_the_optimum(agg):
+    batch = _data(torch.float32)
+    _, f_star = _optimum(batch)
+    res = QuasiNewton(ShiftShrink(agg), Fit(agg=agg)).run(_start(torch.float32), batch)
+    assert res.success and res.n_iter < 50, res.message
+    assert (_loss(res.theta, batch) - f_star) / f_star < 1e-6
+
+
+def test_gradient_mapping_norm_is_exact_for_steps_below_round_off():
+    theta = {"a": torch.tensor(1.0, dtype=torch.float32), "b": torch.tensor([0.0, 2.0])}
+    grad = {"a": torch.tensor(1e-9, dtype=torch.float32), "b": torch.tensor([3.0, -4.0])}
+    bounds = Bounds(lower={"b": 0.0}, upper={"a": 5.0})
+    # b[0] sits on its lower bound with g > 0: that entry is held; a and b[1] are free
+    expected = math.sqrt(1e-18 + 16.0)
+    for step in (1.0, 1e-3, 1e-12):
+        assert gradient_mapping_norm(theta, grad, bounds, step) == pytest.approx(expected, rel=1e-6)
+    assert gradient_mapping_norm(theta, grad, None) == pytest.approx(math.sqrt(1e-18 + 25.0))
+    # a step that reaches a bound is cut there: ‖θ − Π(θ − t g)‖/t
+    assert gradient_mapping_norm({"a": torch.tensor(4.5), "b": torch.tensor([1.0, 1.0])},
+                                 {"a": torch.tensor(-2.0), "b": torch.tensor([3.0, 0.0])},
+                                 Bounds(lower={"b": 0.0}, upper={"a": 5.0}), 1.0) == \
+        pytest.approx(math.sqrt(0.5 ** 2 + 1.0 ** 2))
