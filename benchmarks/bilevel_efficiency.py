@@ -43,7 +43,6 @@ iterations); its numbers mean nothing.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -133,6 +132,45 @@ def _exact_anchor(inner, outer, theta0, batch, max_cost):
 BOUNDS_OF = [None]  # the bounds of the problem being run (set by run)
 
 
+def _compare(runs):
+    """Summary rows and the ratio MAID cost to the best HOAG's loss level / that HOAG's cost:
+    the best HOAG variant is the cheapest of those within ``REACH_RTOL`` of the lowest final loss."""
+    loss0 = runs["MAID"]["true_loss"][0]
+    hoag = {n: r for n, r in runs.items() if n.startswith("HOAG")}
+    best_loss = min(r["true_loss"][r["final"]] for r in hoag.values())
+    tie = REACH_RTOL * (loss0 - best_loss)
+    tied = [n for n, r in hoag.items() if r["true_loss"][r["final"]] <= best_loss + tie]
+    best = min(tied, key=lambda n: hoag[n]["history"][-1]["cost"])  # HOAG records hold all its cost
+    target = hoag[best]["true_loss"][hoag[best]["final"]]
+    level = target + REACH_RTOL * (loss0 - target)
+    summary = []
+    for name, r in runs.items():
+        costs = r["history"].column("cost")
+        total = costs[-1] + (r["history"][-1].get("line_search_cost") or 0)  # MAID: a last search
+        i = r["final"]
+        summary.append(dict(method=name, iterations=len(r["history"]), final_true_loss=r["true_loss"][i],
+                            final_reported_loss=r["history"][i]["upper_loss"], cost=total,
+                            seconds=r["history"][-1]["elapsed"],
+                            cost_to_target=first_reach(costs, r["true_loss"], level),
+                            theta=r["history"][i]["theta"], message=r["message"]))
+    maid_reach = next(s["cost_to_target"] for s in summary if s["method"] == "MAID")
+    best_row = next(s for s in summary if s["method"] == best)
+    ratio = None if maid_reach is None else maid_reach / best_row["cost"]
+    ratio_reach = (None if maid_reach is None or not best_row["cost_to_target"]
+                   else maid_reach / best_row["cost_to_target"])
+    per_variant = {}
+    for n, r in hoag.items():
+        fin = r["true_loss"][r["final"]]
+        lvl = fin + REACH_RTOL * (loss0 - fin)
+        reach = first_reach(runs["MAID"]["history"].column("cost"), runs["MAID"]["true_loss"], lvl)
+        per_variant[n] = None if reach is None else reach / next(
+            x["cost"] for x in summary if x["method"] == n)
+    return dict(summary=summary, best_hoag=best, target_loss=target, reach_level=level,
+                ratio_maid_cost_to_target_over_best_hoag_cost=ratio,
+                ratio_maid_over_best_hoag_cost_to_target=ratio_reach,
+                ratio_by_hoag_variant=per_variant)
+
+
 def run(images=16, size=64, sigma=0.1, iters=60, max_cost=3000, unroll=30, seed=0, problem="tv"):
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     warnings.simplefilter("ignore", RuntimeWarning)  # caps are flagged in the History instead
@@ -180,48 +218,16 @@ def run(images=16, size=64, sigma=0.1, iters=60, max_cost=3000, unroll=30, seed=
         accepted = [i for i, rec in enumerate(r["history"]) if rec.get("accepted", True)]
         r["final"] = accepted[-1] if accepted else len(r["history"]) - 1
 
-    # ---- the target ratio ----------------------------------------------------------------------
-    loss0 = runs["MAID"]["true_loss"][0]
-    hoag = {n: r for n, r in runs.items() if n.startswith("HOAG")}
-    best_loss = min(r["true_loss"][r["final"]] for r in hoag.values())
-    tie = REACH_RTOL * (loss0 - best_loss)
-    tied = [n for n, r in hoag.items() if r["true_loss"][r["final"]] <= best_loss + tie]
-    best = min(tied, key=lambda n: hoag[n]["history"][-1]["cost"])  # HOAG records hold all its cost
-    target = hoag[best]["true_loss"][hoag[best]["final"]]
-    level = target + REACH_RTOL * (loss0 - target)
-    summary = []
-    for name, r in runs.items():
-        costs = r["history"].column("cost")
-        total = costs[-1] + (r["history"][-1].get("line_search_cost") or 0)  # MAID: a last search
-        i = r["final"]
-        summary.append(dict(method=name, iterations=len(r["history"]), final_true_loss=r["true_loss"][i],
-                            final_reported_loss=r["history"][i]["upper_loss"], cost=total,
-                            seconds=r["history"][-1]["elapsed"],
-                            cost_to_target=first_reach(costs, r["true_loss"], level),
-                            theta=r["history"][i]["theta"], message=r["message"]))
-    maid_reach = next(s["cost_to_target"] for s in summary if s["method"] == "MAID")
-    best_row = next(s for s in summary if s["method"] == best)
-    ratio = None if maid_reach is None else maid_reach / best_row["cost"]
-    ratio_reach = (None if maid_reach is None or not best_row["cost_to_target"]
-                   else maid_reach / best_row["cost_to_target"])
-    per_variant = {}
-    for n, r in hoag.items():
-        fin = r["true_loss"][r["final"]]
-        lvl = fin + REACH_RTOL * (loss0 - fin)
-        reach = first_reach(runs["MAID"]["history"].column("cost"), runs["MAID"]["true_loss"], lvl)
-        per_variant[n] = None if reach is None else reach / next(
-            x["cost"] for x in summary if x["method"] == n)
+    cmp = _compare(runs)
     return dict(config=dict(problem=problem, images=images, size=size, sigma=sigma, dtype="float64",
                             theta0=THETA0, n_hyperparameters=sum(len(v) if isinstance(v, list) else 1
                                                                  for v in THETA0.values()),
                             bounds={"lower": BOUNDS.lower}, inner_method=INNER_METHOD, iters=iters,
                             max_cost=max_cost, unroll=unroll, eps0=eps0, seed=seed,
                             threads=torch.get_num_threads()),
-                summary=summary, best_hoag=best, target_loss=target, reach_level=level,
-                ratio_maid_cost_to_target_over_best_hoag_cost=ratio,
-                ratio_maid_over_best_hoag_cost_to_target=ratio_reach,
-                ratio_by_hoag_variant=per_variant, target_ratio=1 / 3,
-                target_met=ratio is not None and ratio <= 1 / 3,
+                **cmp, target_ratio=1 / 3,
+                target_met=cmp["ratio_maid_cost_to_target_over_best_hoag_cost"] is not None
+                and cmp["ratio_maid_cost_to_target_over_best_hoag_cost"] <= 1 / 3,
                 runs={n: {"history": r["history"].as_dict(), "true_loss": r["true_loss"], "final": r["final"],
                           "message": r["message"], "wall_seconds": r["wall_seconds"]}
                       for n, r in runs.items()})

@@ -74,6 +74,21 @@ def odl_baseline(geom, x, min_time, max_repeats):
         return timeit(run, min_time=min_time, max_repeats=max_repeats)
 
 
+def _table(rows) -> list:
+    """The printed table: one line per (geometry, implementation, device, batch)."""
+    header = f"{'image':>7} {'angles':>6} {'impl':<18} {'dev':<4} {'batch':>5} {'ms/slice':>9} " \
+             f"{'slices/s':>9} {'x ODL':>7}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        sp = f"{r['speedup_vs_odl']:.1f}" if r["speedup_vs_odl"] else "n/a"
+        lines.append(f"{r['image']:>5}^2 {r['n_angles']:>6} {r['impl']:<18} {r['device']:<4} {r['batch']:>5} "
+                     f"{r['ms_per_slice']:>9.3f} {r['slices_per_s']:>9.1f} {sp:>7}")
+    setups = {(r["image"], r["n_angles"]): r["setup_s"] for r in rows if r["setup_s"] is not None}
+    lines.append("torch-sparse set-up (matrix build or disk-cache load, once per geometry): "
+                 + ", ".join(f"{s}^2/{a}: {t:.2f} s" for (s, a), t in setups.items()))
+    return lines
+
+
 def main(argv=None) -> int:
     """Run the benchmark, print the table, write the JSON."""
     parser = help_parser(__doc__)
@@ -134,16 +149,7 @@ def main(argv=None) -> int:
                         add(size, n_angles, f"torch-{method}", "cuda", b,
                             timeit(lambda: G.T(G(x)), min_time=0.2, max_repeats=20, sync=sync), baseline)
 
-    header = f"{'image':>7} {'angles':>6} {'impl':<18} {'dev':<4} {'batch':>5} {'ms/slice':>9} " \
-             f"{'slices/s':>9} {'x ODL':>7}"
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        sp = f"{r['speedup_vs_odl']:.1f}" if r["speedup_vs_odl"] else "n/a"
-        lines.append(f"{r['image']:>5}^2 {r['n_angles']:>6} {r['impl']:<18} {r['device']:<4} {r['batch']:>5} "
-                     f"{r['ms_per_slice']:>9.3f} {r['slices_per_s']:>9.1f} {sp:>7}")
-    setups = {(r["image"], r["n_angles"]): r["setup_s"] for r in rows if r["setup_s"] is not None}
-    lines.append("torch-sparse set-up (matrix build or disk-cache load, once per geometry): "
-                 + ", ".join(f"{s}^2/{a}: {t:.2f} s" for (s, a), t in setups.items()))
+    lines = _table(rows)
     print("\n".join(lines))
     meta = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
                 cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
