@@ -58,6 +58,11 @@ def _fit(**kw):
     return fit(**args)
 
 
+def _task_data(**kw):
+    from recon.tasks.data import load_task_data
+    return load_task_data("segmentation", "standin", "train", n=2, **kw)
+
+
 def _setup(**kw):
     return default_setup(**kw)
 
@@ -175,6 +180,16 @@ CASES = [
     ("model-name", lambda: build_model("unet", A), ValueError, "model name"),
     ("model-input-shape", lambda: _model()(X), ValueError, "sinogram"),
     ("model-x0-batch", lambda: _model()(Y, X[:1]), ValueError, "x0"),
+    ("model-float64-data", lambda: _model()(Y.double()), TypeError,
+     r"sinogram is torch.float64 but the network's weights are torch.float32"),
+    ("fit-image-without-channel", lambda: _fit(train_data={"sinogram": Y, "image": X[:, 0]}),
+     ValueError, r"`train_data\['image'\]` has shape \(2, 16, 16\).*\(N, 1, 16, 16\)"),
+    ("fit-image-wrong-size", lambda: _fit(train_data={"sinogram": Y, "image": X[..., :8]}),
+     ValueError, r"`train_data\['image'\]` has shape"),
+    ("validate-image-shape", lambda: validate(_model(), {"sinogram": Y, "image": X[:, 0]}),
+     ValueError, r"`data\['image'\]`"),
+    ("task-data-non-square", lambda: _task_data(size=(48, 80)), ValueError,
+     r"size must be .* square .*\(48, 80\)"),
     # ---------------------------------------------------------------- files
     ("save-state-type", lambda: save_checkpoint([1], "unused.pt"), TypeError, "`state`"),
     ("atomic-mode", lambda: atomic_write("unused.txt", "a").__enter__(), ValueError, "`mode`"),
@@ -341,3 +356,41 @@ def test_the_program_reports_bad_settings_without_a_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "python -m recon.train: error: --out" in err and "missing.pt" in err
     assert "Traceback" not in err
+
+
+def test_sketched_lspd_default_leaves_a_third_of_the_layers_unsketched():
+    from recon.models import SketchedLSPD
+    op = RayTransform(ParallelBeamGeometry((16, 16), n_angles=8), cache=False)
+    got = {k: SketchedLSPD(op, k, hidden_channels=4).get_config()["n_unsketched"]
+           for k in (1, 3, 5, 12)}
+    assert got == {1: 1, 3: 1, 5: 2, 12: 4}
+
+
+def test_task_data_square_sizes_as_a_pair_and_the_home_folder():
+    pair = _task_data(size=(32, 32))
+    assert pair["image"].shape[-2:] == (32, 32)
+    import os
+    import re
+    from recon.tasks.data import load_task_data
+    expanded = re.escape(os.path.expanduser("~/nowhere-here"))
+    with pytest.raises((FileNotFoundError, ValueError), match=expanded):
+        load_task_data("classification", "stanford-dogs", "test", root="~/nowhere-here")
+
+
+def test_fan_beam_fbp_of_a_short_scan_warns():
+    from recon.operators import FanBeamGeometry
+    short = FanBeamGeometry((16, 16), angles=np.linspace(0, 1.3 * math.pi, 40, endpoint=False))
+    full = FanBeamGeometry((16, 16), n_angles=40)
+    with pytest.warns(RuntimeWarning, match="less than a full turn"):
+        fbp(torch.zeros(1, 1, *short.range_shape), RayTransform(short, cache=False))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fbp(torch.zeros(1, 1, *full.range_shape), RayTransform(full, cache=False))
+
+
+def test_astra_refuses_non_square_pixels():
+    pytest.importorskip("astra")
+    geom = ParallelBeamGeometry((8, 16), n_angles=4, extent=(8.0, 8.0))
+    with pytest.raises(ValueError, match="square pixels"):
+        RayTransform(geom, backend="astra")(torch.zeros(1, 1, 8, 16))

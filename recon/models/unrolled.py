@@ -265,6 +265,10 @@ class UnrolledPrimalDual(nn.Module):
         if t.dim() != 4 or t.shape[1] != 1 or tuple(t.shape[-2:]) != spatial:
             raise ValueError(f"{name} must have shape (B, 1, {spatial[0]}, {spatial[1]}) to match "
                              f"the operator, got {tuple(t.shape)}")
+        own = self.sigma.dtype
+        if t.dtype != own and {t.dtype, own} <= {torch.float32, torch.float64}:
+            raise TypeError(f"{name} is {t.dtype} but the network's weights are {own}: pass "
+                            f"{name}.to({own}) or convert the network with model.to({t.dtype})")
 
     def extra_repr(self) -> str:
         cfg = self.config
@@ -330,7 +334,9 @@ class SketchedLSPD(UnrolledPrimalDual):
     ``x̃_{k+1} = x̃_k + P_k(x̃_k, τ_k m ρ (S_iĀ_s)ᵀ h_{k+1}^{(0)})`` with ``x̃_0 = S(x_0)``
     (bilinear) and ``ρ = |Ω_s|/|Ω|``; the state returns to the fine grid once, as
     ``x_0 + U(x̃ - S x_0)`` (``sketch_residual=True``) or ``U(x̃)``, and the last
-    ``n_unsketched`` layers are plain LSPD layers.  ``n_unsketched = n_iterations`` gives LSPD.
+    ``n_unsketched`` layers are plain LSPD layers.  ``n_unsketched = n_iterations`` gives LSPD;
+    the default ``None`` leaves a third of the layers unsketched (``round(K/3)``, at least 1:
+    4 of 12, 2 of 5).
     """
 
     name = "sklspd"
@@ -343,9 +349,12 @@ class SketchedLSPD(UnrolledPrimalDual):
         return params
 
     def __init__(self, operator: Any, n_iterations: int = 12, *, n_subsets: int = 4,
-                 subset_order: str = "cyclic", sketch_factor: int = 2, n_unsketched: int = 4,
-                 sketch_residual: bool = True, **options: Any):
+                 subset_order: str = "cyclic", sketch_factor: int = 2,
+                 n_unsketched: int | None = None, sketch_residual: bool = True, **options: Any):
         _forbid(options, n_sketched=None)
+        _check_int("n_iterations", n_iterations, 1)
+        if n_unsketched is None:
+            n_unsketched = max(1, round(n_iterations / 3))
         _check_int("n_unsketched", n_unsketched, 0, n_iterations)
         super().__init__(operator, n_iterations, n_subsets=n_subsets,
                          subset_order=subset_order, sketch_factor=sketch_factor,

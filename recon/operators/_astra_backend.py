@@ -12,6 +12,8 @@ approximately matched. ASTRA computes in float32; results are cast back.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -43,6 +45,12 @@ def astra_geometries(geometry: Geometry):
     astra = _astra()
     H, W = geometry.image_shape
     h, w = geometry.extent
+    dy, dx = h / H, w / W
+    if not math.isclose(dy, dx, rel_tol=1e-9):
+        raise ValueError(f"backend='astra' needs square pixels (its 2-D CPU projectors assume "
+                         f"them), got pixel size {dy:g} × {dx:g} from extent {tuple(geometry.extent)} "
+                         f"on image_shape {(H, W)}; use backend='torch' or an extent in the ratio "
+                         f"of the image shape")
     vol = astra.create_vol_geom(H, W, -w / 2, w / 2, -h / 2, h / 2)
     phi = geometry.angles
     theta = np.stack([np.cos(phi), np.sin(phi)], -1)

@@ -13,8 +13,10 @@ Real data sets are read from ``root`` (no download); the stand-ins come from sci
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, Optional
 
+import numpy as np
 import torch
 
 __all__ = ["TASKS", "SOURCES", "load_task_data", "default_network_config", "default_size",
@@ -56,13 +58,26 @@ def default_network_config(task: str, source: str) -> Dict[str, Any]:
     return {"kind": "resnet50", "in_channels": 3, "num_classes": k}
 
 
+def _square_side(size, source: str) -> int:
+    """The side of a square ``size`` (an int or ``(s, s)``), else ``ValueError`` naming it."""
+    side = size
+    if isinstance(size, (tuple, list)) and len(size) == 2 and size[0] == size[1]:
+        side = size[0]
+    if isinstance(side, bool) or not isinstance(side, (int, np.integer)) or side < 1:
+        raise ValueError(f"size must be an int >= 1 or a square (s, s) for source {source!r} "
+                         f"(its images are square), got {size!r}")
+    return int(side)
+
+
 def load_task_data(task: str, source: str, split: str, n: Optional[int] = None, size=None,
                    root: Optional[str] = None, seed: int = 0) -> Dict[str, torch.Tensor]:
     """``{"image": (N, C, H, W) in [0, 1], "label": ...}`` for a task / source / split.
 
     ``split`` is ``"train"`` or ``"test"`` (Cityscapes' ``val`` split serves as its test set);
     ``n`` caps the number of items (the digits stand-in has 1347 / 450; the scenes are generated: ``n`` defaults to 1000
-    for train and 500 for test); ``size`` overrides :func:`default_size`.
+    for train and 500 for test); ``size`` overrides :func:`default_size`: an int ``s`` (square
+    ``s × s`` images; for Cityscapes ``s × 2s``, its aspect ratio) or ``(H, W)`` (square only,
+    except for Cityscapes). ``root``: ``~`` is expanded.
     """
     from ..data.standins import digit_classification, digit_scenes, stack_items
 
@@ -72,17 +87,20 @@ def load_task_data(task: str, source: str, split: str, n: Optional[int] = None, 
     size = default_size(task, source) if size is None else size
     if source != "standin" and root is None:
         raise ValueError(f"source {source!r} needs root= (the folder of a local copy)")
+    root = None if root is None else os.path.expanduser(str(root))
+    if source != "cityscapes":
+        size = _square_side(size, source)
     if source == "standin" and task == "segmentation":
         n = n if n is not None else (1000 if split == "train" else 500)
-        return digit_scenes(n, int(size), split, seed=seed + (0 if split == "train" else 1))
+        return digit_scenes(n, size, split, seed=seed + (0 if split == "train" else 1))
     if source == "standin":
         available = 1347 if split == "train" else 450
-        return digit_classification(None if n is None or n >= available else n, int(size), split, seed=seed)
+        return digit_classification(None if n is None or n >= available else n, size, split, seed=seed)
     if source == "cityscapes":
         from ..data.cityscapes import CityscapesSegmentation
         size = (size, 2 * size) if isinstance(size, int) else tuple(size)
         ds = CityscapesSegmentation(root, "train" if split == "train" else "val", size, max_items=n)
     else:
         from ..data.stanford_dogs import StanfordDogs
-        ds = StanfordDogs(root, split, int(size if isinstance(size, int) else size[0]), max_items=n)
+        ds = StanfordDogs(root, split, size, max_items=n)
     return stack_items(ds)

@@ -153,6 +153,7 @@ def validate(model: nn.Module, data: TensorData, batch_size: int = 16,
     if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}")
     _check_data(data, "data", x0_key)
+    _check_image_shape(model, data, "data")
     was_training = model.training
     model.eval()
     values = []
@@ -193,6 +194,22 @@ def _check_data(data: Any, name: str, x0_key: str | None, validation: bool = Fal
         if const:
             raise ValueError(f"`{name}['image']` has constant images {const[:10]}: their "
                              f"PSNR (data range of each image) is undefined; remove them")
+
+
+def _check_image_shape(model: nn.Module, data: Any, name: str) -> None:
+    """``ValueError`` unless ``data["image"]`` is ``(N, 1, H, W)`` with the model's
+    ``image_shape`` (a model without that attribute is only checked for 4 dimensions): the loss
+    would otherwise broadcast an ``(N, H, W)`` target against ``(N, 1, H, W)`` outputs."""
+    if data is None:
+        return
+    image = data["image"]
+    spatial = getattr(model, "image_shape", None)
+    want = "(N, 1, " + (", ".join(str(v) for v in spatial) if spatial is not None else "H, W") + ")"
+    ok = image.dim() == 4 and (spatial is None or (image.shape[1] == 1 and
+                                                   tuple(image.shape[2:]) == tuple(spatial)))
+    if not ok:
+        raise ValueError(f"`{name}['image']` has shape {tuple(image.shape)}; the model "
+                         f"reconstructs {want} (add the channel axis with .unsqueeze(1))")
 
 
 def _prepare_out_dir(out_dir: str | Path | None) -> Path | None:
@@ -257,6 +274,8 @@ def fit(model: nn.Module, train_data: TensorData, val_data: TensorData | None = 
     """
     config = config or TrainConfig()
     _check_fit_inputs(config, train_data, val_data, max_steps)
+    for name, data in (("train_data", train_data), ("val_data", val_data)):
+        _check_image_shape(model, data, name)
     out_dir = _prepare_out_dir(out_dir)
     device, n, steps_per_epoch, total_steps = _layout(model, train_data, config)
     optimizer, scheduler, result, epoch_losses, meta = _start_training(
