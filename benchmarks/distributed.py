@@ -81,7 +81,7 @@ def train_job(n_train: int = 16) -> dict:
     train = {k: v[:n_train] for k, v in data.items()}
     val = {k: v[n_train:] for k, v in data.items()}
     torch.manual_seed(0)
-    model = LearnedPrimalDual(op, n_iterations=3, hidden_channels=16, init="zero")
+    model = LearnedPrimalDual(op, n_iterations=3, hidden_channels=16, init="zero", zero_last=False)
     config = TrainConfig(epochs=2, batch_size=8, lr=1e-3, progress=False)
     t0 = time.perf_counter()
     result = fit(model, train, val, config)

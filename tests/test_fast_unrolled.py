@@ -27,7 +27,7 @@ def _operator(method="fused", check_finite=True):
 
 def _nets(op):
     torch.manual_seed(0)
-    kw = dict(hidden_channels=8, n_primal=2, n_dual=2)
+    kw = dict(hidden_channels=8, n_primal=2, n_dual=2, zero_last=False)  # random blocks: bf16 differs
     return {"LPD": LearnedPrimalDual(op, 2, **kw), "LSPD": LSPD(op, 2, n_subsets=2, **kw),
             "Sk-LSPD": SketchedLSPD(op, 3, n_subsets=2, n_unsketched=1, **kw)}
 

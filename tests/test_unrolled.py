@@ -22,7 +22,9 @@ def op():
 
 
 def _small(cls, op, **kw):
-    params = dict(n_iterations=4, hidden_channels=8, n_primal=3, n_dual=3, init="zero")
+    # random last layers: from a zero start every block would then return its input
+    params = dict(n_iterations=4, hidden_channels=8, n_primal=3, n_dual=3, init="zero",
+                  zero_last=False)
     if cls is SketchedLSPD:
         params["n_unsketched"] = 2
     return cls(op, **{**params, **kw})
@@ -308,3 +310,12 @@ def test_with_ray_transform_and_fbp_initialisation():
     out = sk(y)
     out.mean().backward()
     assert out.shape == image.shape and torch.isfinite(out).all()
+
+
+def test_by_default_an_untrained_network_returns_its_fbp_start():
+    from recon.operators import ParallelBeamGeometry, RayTransform, fbp
+    op = RayTransform(ParallelBeamGeometry((16, 16), n_angles=8), cache=False)
+    y, _ = _data(op)
+    for cls in (LearnedPrimalDual, LSPD):
+        model = cls(op, n_iterations=3, hidden_channels=4)
+        torch.testing.assert_close(model(y), fbp(y, op))

@@ -47,12 +47,14 @@ def default_model_options(**overrides: Any) -> dict:
 
 def build_reconstructor(name: str, operator: Any, options: Mapping[str, Any],
                         fbp_filter: str = "hann") -> nn.Module:
-    """``recon.models.build_model(name, operator, "digits", ...)`` with the sizes of ``options``."""
+    """``recon.models.build_model(name, operator, "digits", ...)`` with the sizes of ``options``
+    and random last layers (``zero_last=False``: the joint protocol, as measured for the
+    Table 3.2 analog, pretrains them on the MSE first)."""
     from recon.models import build_model
 
     return build_model(name, operator, "digits", fbp_filter=fbp_filter,
                        hidden_channels=int(options["recon_channels"]),
-                       n_iterations=int(options["recon_iterations"]))
+                       n_iterations=int(options["recon_iterations"]), zero_last=False)
 
 
 def build_segmenter(options: Mapping[str, Any], lesion_prior: Optional[float] = None) -> nn.Module:

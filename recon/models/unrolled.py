@@ -90,7 +90,10 @@ class UnrolledPrimalDual(nn.Module):
             layers update only what the coarse grid resolves; the fine detail of the state
             entering the phase is kept) instead of the literal option-2 ``U(x̃)``.
         operator_norm: ``‖A‖`` if known; by default ``operator.norm()`` (power method).
-        zero_last: zero-initialise the last convolution of every block (identity start).
+        zero_last: zero-initialise the last convolution of every block (the default): the
+            untrained network returns its initial guess (the FBP) and training improves on it;
+            ``False`` leaves them random, which starts several dB below the FBP (measured: 13.5
+            against 23.0 dB for 32² ellipses, still under the FBP after 3 epochs at lr 5e-5).
         seed: seed of the eval-mode random subset order.
     """
 
@@ -102,7 +105,7 @@ class UnrolledPrimalDual(nn.Module):
                  n_subsets: int = 1, subset_order: str = "cyclic", sketch_factor: int = 1,
                  n_sketched: int = 0, sketch_residual: bool = True,
                  sketch_hidden_channels: int | None = None, operator_norm: float | None = None,
-                 zero_last: bool = False, seed: int = 0):
+                 zero_last: bool = True, seed: int = 0):
         super().__init__()
         n_angles = int(operator.range_shape[0])
         _check_int("n_iterations", n_iterations, 1)
