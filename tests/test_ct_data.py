@@ -208,3 +208,19 @@ def test_ellipse_phantoms_are_never_empty():
     for _ in range(40):
         img = ellipse_phantom((16, 16), rng, n_mean=0.7)
         assert float((img > 0).double().mean()) >= 0.01 and float(img.max()) == 1.0
+
+
+def test_dicom_dataset_warns_when_the_geometry_does_not_match_the_slice(tmp_path):
+    import warnings
+
+    pydicom = pytest.importorskip("pydicom")
+    src = example_ct_path()
+    ref = pydicom.dcmread(src)
+    fov = tuple(float(s) * n for s, n in zip(ref.PixelSpacing, ref.pixel_array.shape))
+    with pytest.warns(RuntimeWarning, match="physical units"):
+        DicomSliceDataset(src, ParallelBeamGeometry((32, 32), 12), unit="1/mm")[0]
+    with pytest.warns(RuntimeWarning, match="aspect ratio"):
+        DicomSliceDataset(src, ParallelBeamGeometry((32, 32), 12, extent=(fov[0], 2 * fov[1])))[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DicomSliceDataset(src, ParallelBeamGeometry((32, 32), 12, extent=fov), unit="1/mm")[0]

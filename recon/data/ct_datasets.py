@@ -19,7 +19,9 @@ Sparse-view data: give a geometry with few angles (or use
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -344,6 +346,27 @@ class DicomSliceDataset(SimulatedCTDataset):
         self.unit = unit
         self.mu_water = MU_WATER if mu_water is None else float(mu_water)
 
+    def _warn_geometry(self, i: int, sl, shape: tuple) -> None:
+        """``RuntimeWarning`` (once per data set) when slice ``i``'s field of view (pixel
+        spacing × shape, mm) has another aspect ratio than the operator's extent (the resize
+        stretches it), or, with ``unit="1/mm"``, another size (the sinogram's line integrals are
+        then not in physical units: the geometry's length unit must be the mm)."""
+        if getattr(self, "_warned", False):
+            return
+        fov = (sl.pixel_spacing[0] * shape[0], sl.pixel_spacing[1] * shape[1])
+        ext = tuple(float(v) for v in self.operator.geometry.extent)
+        why = None
+        if not math.isclose(fov[0] / fov[1], ext[0] / ext[1], rel_tol=1e-3):
+            why = (f"its field of view {fov[0]:g} × {fov[1]:g} mm has another aspect ratio than "
+                   f"the operator's extent {ext[0]:g} × {ext[1]:g}: the resize stretches it")
+        elif self.unit == "1/mm" and not all(math.isclose(a, b, rel_tol=1e-3) for a, b in zip(fov, ext)):
+            why = (f"unit='1/mm' with a field of view of {fov[0]:g} × {fov[1]:g} mm but an "
+                   f"operator extent of {ext[0]:g} × {ext[1]:g}: the sinogram is in physical "
+                   f"units only if the extent is the field of view in mm")
+        if why is not None:
+            self._warned = True
+            warnings.warn(f"DicomSliceDataset, {self.files[i]!r}: {why}", RuntimeWarning, stacklevel=3)
+
     def make_samples(self, indices):
         """Attenuation images of the DICOM files ``indices``, resized to the operator's grid."""
         from .dicom import read_dicom_slice
@@ -355,6 +378,7 @@ class DicomSliceDataset(SimulatedCTDataset):
             if self.unit == "water":
                 mu = mu / self.mu_water
             size = self.operator.domain_shape
+            self._warn_geometry(i, sl, tuple(mu.shape))
             if tuple(mu.shape) != tuple(size):
                 shrink = size[0] < mu.shape[0] or size[1] < mu.shape[1]
                 mu = F.interpolate(mu[None, None], size=size, mode="bilinear", align_corners=False,
