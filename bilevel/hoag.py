@@ -48,8 +48,8 @@ from torch import Tensor
 from .history import tolerance_schedule
 from .outer import UNCONFIRMED, LoopState, OuterLoop, implicit_estimator
 from .problem import (Bounds, HypergradientEstimator, InnerProblem, OuterLoss, Theta,
-                      check_tolerance, gradient_mapping_norm, project, theta_axpy, theta_distance, theta_dot,
-                      theta_floats, theta_norm, theta_sub)
+                      check_tolerance, gradient_mapping_norm, project, theta_axpy,
+                      theta_distance, theta_dot, theta_floats, theta_norm, theta_sub)
 
 __all__ = ["HOAG", "HOAGState"]
 

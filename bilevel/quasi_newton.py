@@ -191,11 +191,11 @@ class QuasiNewton(OuterLoop):
     max_move: cap of one step, ``‖Δθ‖_∞ ≤ max_move·max(1, ‖θ‖_∞)``.
     c1: sufficient-decrease constant in (0, 1).
     gtol: relative stopping tolerance on ``‖G(g)‖`` (``0`` disables it; raised to the accuracy
-        floor of the dtype, ``1e-5`` in float32, below which the gradient is noise); ftol: a stop also
-        needs the decrease the quasi-Newton model still expects, ``−½⟨g, Δθ⟩``, to be at most
-        ``ftol·(ℓ₀ − ℓ_k)`` (``0`` disables it); floor_gtol: the looser
-        one accepted when no measurable decrease is left at the accuracy floor; xtol: the
-        shortest step tried, relative to ``1 + ‖θ‖``.
+        floor of the dtype, ``1e-5`` in float32, below which the gradient is noise); ftol: a
+        stop also needs the decrease the quasi-Newton model still expects, ``−½⟨g, Δθ⟩``, to
+        be at most ``ftol·(ℓ₀ − ℓ_k)`` (``0`` disables it); floor_gtol: the looser one
+        accepted when no measurable decrease is left at the accuracy floor; xtol: the shortest
+        step tried, relative to ``1 + ‖θ‖``.
     bounds, inner_method, inner_max_iter, param_optimizer, callback, progress, checkpoint: as for
         :class:`~bilevel.HOAG`.
 
