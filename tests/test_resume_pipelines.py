@@ -287,3 +287,19 @@ def test_example_adaptive_split_too_small_is_refused_before_pretraining(tmp_path
     argv = _EXAMPLE + ["--out", str(tmp_path / "run"), "--adaptive", "--adaptive-images", "10"]
     with pytest.raises(ValueError, match="--adaptive-images: the training split has 1 images"):
         example.run_example("segmentation", "cityscapes", argv)
+
+
+def test_example_refuses_a_finished_pretraining_of_other_epochs_and_keeps_the_file(tmp_path):
+    from recon.tasks.example import run_example
+
+    out = tmp_path / "run"
+    _example(out)  # T* pretrained for 2 epochs, finished
+    before = (out / "task_net.pt").read_bytes()
+    for epochs in ("3", "1"):
+        argv = _EXAMPLE + ["--out", str(tmp_path / "other"), "--checkpoint",
+                           str(out / "task_net.pt")]
+        argv[argv.index("--epochs") + 1] = epochs
+        with pytest.raises(ResumeMismatchError, match=r"pretraining of 2 epochs \(finished\); "
+                                                      rf"this run asks for --epochs {epochs}"):
+            run_example("segmentation", "cityscapes", argv)
+    assert (out / "task_net.pt").read_bytes() == before

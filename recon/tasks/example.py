@@ -23,7 +23,8 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 
 from ..scripts import SMOKE_RUN, help_parser
-from ..checkpoint import check_resume, load_checkpoint, plain_state, save_checkpoint
+from ..checkpoint import (ResumeMismatchError, check_resume, load_checkpoint, plain_state,
+                          save_checkpoint)
 from ..io import atomic_write
 from .cli import data_settings, task_loss, task_scores
 from ..adaptive_tv import AdaptiveTVDenoising
@@ -143,13 +144,29 @@ def _pretrained(task: str, source: str, cfg, args, progress: bool, on_stage):
     return net.eval(), info
 
 
+def _check_pretraining_epochs(checkpoint, state: Dict[str, Any], epochs: int) -> None:
+    """Resume only the pretraining of this run (``epochs`` planned, interrupted before the
+    end): a checkpoint trained for another number of epochs is refused (it would be trained on,
+    or used over-trained, and the file overwritten)."""
+    done, target = int(state.get("epoch", 0)), state.get("target_epochs")
+    if done == epochs or (done < epochs and target in (None, epochs)):
+        return
+    planned = f"planned for {target}" if target not in (None, done) else "finished"
+    raise ResumeMismatchError(
+        f"{str(checkpoint)!r} holds a pretraining of {done} epochs ({planned}); this run asks "
+        f"for --epochs {epochs}. Pass --epochs {done} to use it as it is, --restart to pretrain "
+        f"anew, or another --checkpoint; `python -m recon.tasks pretrain --epochs {epochs} "
+        f"--checkpoint {checkpoint}` trains it on")
+
+
 def _check_resumes(task: str, source: str, cfg, args) -> "Stages":
     """The resume rule for the pretraining checkpoint and the stages, before any work."""
     if Path(args.checkpoint).is_file() and not args.restart:
-        check_pretraining_resume(args.checkpoint, pretraining_settings(
+        state = check_pretraining_resume(args.checkpoint, pretraining_settings(
             cfg, n_samples=None, metadata=data_settings(task, source, args.root, None,
                                                         args.n_pretrain), **PRETRAIN),
             ignore=["n_samples"])
+        _check_pretraining_epochs(args.checkpoint, state, args.epochs)
     return Stages(args.out / "stages.pt", {
         "task": task, "source": source, "root": args.root, "sigmas": args.sigmas,
         "n_train": args.n_train, "n_test": args.n_test, "iters": args.iters,
