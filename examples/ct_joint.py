@@ -46,6 +46,7 @@ from recon.joint import (JointConfig, JointLoss, JointNet, build_joint_data,  # 
 from recon.joint.jobs import (JobPool, default_workers, routes_job, sweep_job,  # noqa: E402
                               tv_mse_job, tv_task_job)
 from recon.scripts import SMOKE_RUN, apply_quick, help_parser  # noqa: E402
+from recon.training.argtypes import float_above, float_in, int_at_least  # noqa: E402
 from recon.tasks.summary import t_interval  # noqa: E402
 
 ROUTES = ("clean", "sequential", "joint_lpd", "joint_lspd", "joint_sklspd")
@@ -55,33 +56,39 @@ SWEEP = (0.0, 0.1, 0.5, 0.9, 1.0)
 def parse_args(argv=None) -> argparse.Namespace:
     """Command-line options (``--quick``: a tiny smoke configuration)."""
     p = help_parser(__doc__)
-    p.add_argument("--image-size", type=int, default=64, help="64 (default) or 128")
-    p.add_argument("--n-angles", type=int, default=30)
-    p.add_argument("--n-train", type=int, default=128)
-    p.add_argument("--n-test", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=7)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--pretrain-epochs", type=int, default=None,
+    pos, nonneg, rate = int_at_least(1), int_at_least(0), float_above(0.0, strict=True)
+    p.add_argument("--image-size", type=pos, default=64, help="64 (default) or 128")
+    p.add_argument("--n-angles", type=pos, default=30, help="parallel-beam angles (30)")
+    p.add_argument("--n-train", type=pos, default=128, help="training images (128)")
+    p.add_argument("--n-test", type=pos, default=64, help="test images (64)")
+    p.add_argument("--epochs", type=pos, default=7, help="epochs of the joint stage (7)")
+    p.add_argument("--batch-size", type=pos, default=4, help="images per step (4)")
+    p.add_argument("--lr", type=rate, default=3e-3, help="Adam learning rate (3e-3)")
+    p.add_argument("--pretrain-epochs", type=nonneg, default=None,
                    help="joint routes: epochs of pretraining R on MSE and the U-Net on clean "
                         "images before the joint stage (default --epochs; 0: from scratch)")
-    p.add_argument("--joint-lr", type=float, default=None,
+    p.add_argument("--joint-lr", type=rate, default=None,
                    help="learning rate of the joint stage after pretraining (default --lr / 10: "
                         "a fine-tuning of the two pretrained networks)")
-    p.add_argument("--C", type=float, default=0.5, help="task weight of the joint routes")
-    p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--hoag-iter", type=int, default=8)
-    p.add_argument("--hoag-samples", type=int, default=8, help="training images HOAG sees")
+    p.add_argument("--C", type=float_in(0.0, 1.0), default=0.5,
+                   help="task weight C in [0, 1] of the joint routes (0.5)")
+    p.add_argument("--seeds", type=pos, default=5, help="seeds of every route (5)")
+    p.add_argument("--hoag-iter", type=pos, default=8,
+                   help="outer iterations of each TV row (8; a row that stops at this cap is "
+                        "marked not converged)")
+    p.add_argument("--hoag-samples", type=pos, default=8, help="training images HOAG sees (8)")
     p.add_argument("--no-sweep", action="store_true")
     p.add_argument("--no-tv", action="store_true")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per worker process")
-    p.add_argument("--workers", type=int, default=default_workers(),
+    p.add_argument("--threads", type=pos, default=1, help="torch threads per worker process (1)")
+    p.add_argument("--workers", type=pos, default=default_workers(),
                    help="worker processes that run the seeds, the sweep and the TV rows side by "
                         "side (default: the usable cores; 1 runs everything in this process)")
-    p.add_argument("--out", default="runs/ct_joint")
+    p.add_argument("--out", default="runs/ct_joint", help="output folder (runs/ct_joint)")
     p.add_argument("--quick", action="store_true",
                    help="tiny smoke run (< 1 minute) in runs/quick/ (its numbers are not meaningful)")
     args = p.parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"argument --out: {args.out!r} is a file; the results need a folder")
     args.notes = []
     if args.quick:
         args.notes = apply_quick(p, args, argv, {
@@ -159,6 +166,22 @@ def step_time_ratio(operator, train, options, batch_size, repeats=6) -> dict:
     return {"lpd_step_s": med["lpd"], "lspd_step_s": med["lspd"], "ratio": med["lspd"] / med["lpd"]}
 
 
+def tv_convergence_lines(tv_loops: dict, cap: int) -> list:
+    """Whether each TV row's HOAG loop reported success (a row capped at ``--hoag-iter`` is
+    not converged: its θ, and so its Dice and PSNR, are not those of the optimum)."""
+    lines = []
+    for name, label in (("tv_mse", "TV, MSE-learned θ"), ("tv_task", "TV, task-learned θ")):
+        runs = tv_loops.get(name)
+        runs = [runs] if isinstance(runs, tuple) else [r for r in runs or [] if r is not None]
+        failed = [msg for ok, msg in runs if not ok]
+        if not failed:
+            lines.append(f"{label}: converged ({len(runs)} loop(s))")
+        else:
+            lines.append(f"{label}: NOT converged in {len(failed)} of {len(runs)} loop(s) "
+                         f"(cap --hoag-iter {cap}): {failed[0]}")
+    return lines
+
+
 def _jobs_total(args) -> int:
     sweeps = 0 if args.no_sweep else sum(C != args.C for C in SWEEP)
     return args.seeds + sweeps + (0 if args.no_tv else 1 + args.seeds)
@@ -190,6 +213,7 @@ class _Results:
             self.rows.update(tv_mse=[None] * n, tv_task=[None] * n)
         self.sweep, self.samples, self.cpu = {}, {}, 0.0
         self.thetas = {} if args.no_tv else {"tv_task": [None] * n}
+        self.tv_loops = {} if args.no_tv else {"tv_task": [None] * n}  # (success, message)
         self._tv_mse, self._clean = None, {}
 
     def take(self, kind: str, key, out: dict) -> list:
@@ -200,6 +224,7 @@ class _Results:
             return []
         if kind == "TV MSE":
             self._tv_mse, self.thetas["tv_mse"] = out, out["theta"]
+            self.tv_loops["tv_mse"] = (out["converged"], out["message"])
         elif kind == "routes":
             for route, row in out["rows"].items():
                 self.rows[route][key] = row
@@ -209,6 +234,7 @@ class _Results:
             for name, row in out["rows"].items():
                 self.rows[name][key] = row
             self.thetas["tv_task"][key] = out["theta"]
+            self.tv_loops["tv_task"][key] = (out["converged"], out["message"])
         return self._ready_tv()
 
     def _ready_tv(self) -> list:
@@ -345,6 +371,7 @@ def main(argv=None) -> dict:
             print(f"  C = {C:3.1f}: Dice {r['dice']:.4f}  PSNR {r['psnr']:.2f} dB  SSIM {r['ssim']:.3f}")
     if thetas:
         print(f"\nTV θ: MSE-learned {thetas['tv_mse']}, task-learned {thetas['tv_task']}")
+        print("\n".join(tv_convergence_lines(results.tv_loops, args.hoag_iter)))
     print(f"\njoint LSPD / joint LPD step time: {ratio['lspd_step_s']:.3f} s / "
           f"{ratio['lpd_step_s']:.3f} s = {ratio['ratio']:.2f}")
     workers = min(args.workers, _jobs_total(args))
@@ -359,6 +386,8 @@ def main(argv=None) -> dict:
                           for r, v in rows.items()},
               "paired_vs_sequential": diffs,
               "sweep": {str(C): r for C, r in sweep.items()}, "tv_theta": thetas,
+              "tv_converged": {k: ([x[0] for x in v] if isinstance(v, list) else v[0])
+                               for k, v in results.tv_loops.items()},
               "step_time": ratio, "total_seconds": total,
               "cpu_seconds": cpu}
     (out / "table.json").write_text(json.dumps(result, indent=2))

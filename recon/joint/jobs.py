@@ -98,12 +98,13 @@ def tv_mse_job(n_samples: int, max_iter: int) -> dict:
     operator, train, test = _data()
     sub = {k: v[:n_samples] for k, v in train.items()}
     t0 = time.perf_counter()
-    theta, _ = learn_tv_theta(operator, sub, "mse", max_iter=max_iter)
+    theta, res = learn_tv_theta(operator, sub, "mse", max_iter=max_iter)
     seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     x, _ = tv_reconstruct(operator, theta, test)
     infer_ms = 1e3 * (time.perf_counter() - t0) / len(test["image"])
-    return {"theta": theta, "seconds": seconds, "x": x, "infer_ms": infer_ms}
+    return {"theta": theta, "seconds": seconds, "x": x, "infer_ms": infer_ms,
+            "converged": bool(res.success), "message": res.message}
 
 
 def tv_task_job(seed: int, clean_state: Mapping[str, Tensor], options: Mapping[str, Any],
@@ -120,7 +121,7 @@ def tv_task_job(seed: int, clean_state: Mapping[str, Tensor], options: Mapping[s
     segmenter.eval()
     sub = {k: v[:n_samples] for k, v in train.items()}
     t0 = time.perf_counter()
-    theta, _ = learn_tv_theta(operator, sub, "task", segmenter, max_iter=max_iter)
+    theta, loop = learn_tv_theta(operator, sub, "task", segmenter, max_iter=max_iter)
     t_task = time.perf_counter() - t0
     t0 = time.perf_counter()
     x_task, _ = tv_reconstruct(operator, theta, test)
@@ -134,7 +135,8 @@ def tv_task_job(seed: int, clean_state: Mapping[str, Tensor], options: Mapping[s
         rows[name] = {**scores(res, secs), "infer_ms": ms}
         if samples:
             shots[name] = predict(net, _first(dict(test, x_tv=x)))
-    return {"seed": seed, "rows": rows, "theta": theta, "samples": shots}
+    return {"seed": seed, "rows": rows, "theta": theta, "samples": shots,
+            "converged": bool(loop.success), "message": loop.message}
 
 
 def _timed(job: Callable, *args: Any, **kwargs: Any) -> dict:

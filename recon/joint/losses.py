@@ -72,7 +72,8 @@ class JointLoss(OuterLoss):
         self.image_key, self.mask_key = image_key, mask_key
 
     def parts(self, x: Tensor, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """``(MSE, CE + Dice)``; the task part is 0 without a segmenter."""
+        """``(MSE, CE + Dice)``; the task part is 0 without a segmenter or at ``C = 0`` (which
+        needs no ``mask``)."""
         for key in (self.image_key, self.mask_key) if self.C > 0 else (self.image_key,):
             if not isinstance(batch, Mapping) or key not in batch:
                 keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
@@ -82,7 +83,7 @@ class JointLoss(OuterLoss):
             raise ValueError(f"x has shape {tuple(x.shape)} but batch[{self.image_key!r}] has "
                              f"shape {tuple(image.shape)}")
         mse = ((x - image) ** 2).mean()
-        if self.segmenter is None:
+        if self.segmenter is None or self.C == 0.0:
             return mse, mse.new_zeros(())
         mask = batch[self.mask_key]
         check_masks(mask, image, f"batch[{self.mask_key!r}]")

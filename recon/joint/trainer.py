@@ -111,7 +111,8 @@ class JointNet(nn.Module):
 @dataclass
 class JointTrainResult:
     """Outcome of :func:`fit_joint`: steps, epochs, per-epoch ``history`` records (``epoch``,
-    ``step``, ``loss``, ``mse``, ``task``, ``seconds``) and total training ``seconds``."""
+    ``step``, ``loss`` (the mean combined loss of the epoch), ``seconds``) and total training
+    ``seconds``."""
 
     step: int
     epoch: int
