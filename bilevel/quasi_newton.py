@@ -128,7 +128,8 @@ class _Flat:
     """θ-dicts as one float64 vector (names sorted) and the box as two vectors."""
 
     def __init__(self, theta: Theta, bounds: Optional[Bounds]):
-        self.names = sorted(theta)
+        self.names = sorted(theta)  # the vector's order
+        self.order = list(theta)  # the caller's order, kept in every θ handed back
         self.like = {n: theta[n] for n in self.names}
         lo, hi = [], []
         for n in self.names:
@@ -148,7 +149,7 @@ class _Flat:
             t = self.like[n]
             out[n] = v[i:i + t.numel()].reshape(t.shape).to(dtype=t.dtype, device=t.device)
             i += t.numel()
-        return out
+        return {n: out[n] for n in self.order}
 
     def project(self, v: Tensor) -> Tensor:
         return torch.maximum(torch.minimum(v, self.upper), self.lower)

@@ -131,3 +131,12 @@ def test_gradient_mapping_norm_is_exact_for_steps_below_round_off():
                                  {"a": torch.tensor(-2.0), "b": torch.tensor([3.0, 0.0])},
                                  Bounds(lower={"b": 0.0}, upper={"a": 5.0}), 1.0) == \
         pytest.approx(math.sqrt(0.5 ** 2 + 1.0 ** 2))
+
+
+@pytest.mark.parametrize("loop", [QuasiNewton, HOAG, MAID])
+def test_loops_hand_theta_back_in_the_callers_order(loop):
+    batch = _data(torch.float64)
+    theta0 = {"v": torch.zeros(5, dtype=torch.float64), "a": torch.tensor(0.0, dtype=torch.float64)}
+    res = loop(ShiftShrink(), Fit(), max_iter=3).run(theta0, batch)
+    assert list(res.theta) == ["v", "a"]
+    assert list(res.history[-1]["theta"]) == ["v", "a"]

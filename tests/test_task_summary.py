@@ -78,3 +78,11 @@ def test_a_route_that_did_not_converge_at_one_seed_is_marked_with_its_reason():
     assert not_converged({"0.3": single}) == [
         "  σ=0.3, TV, task-learned θ (tol 1e-05), seed 0: iteration cap (max_iter=60) reached"]
     assert "not converged" not in format_table({"0.3": mean_rows(seeds[:1], ["dice", "iou"])}, ["dice"])
+
+
+def test_gap_fraction_is_nan_when_clean_is_not_better_than_noisy():
+    from recon.tasks.summary import gap_recovered
+    assert gap_recovered(_rows(0.8, 0.4, 0.6, 0.7), "dice", "TV, MSE-learned θ") == pytest.approx(0.5)
+    for clean in (0.4, 0.0021):  # no gap, or a "gap" of the wrong sign (0.0021 vs 0.0186 noisy)
+        noisy = 0.4 if clean == 0.4 else 0.0186
+        assert math.isnan(gap_recovered(_rows(clean, noisy, 0.01, 0.02), "dice", "TV, MSE-learned θ"))

@@ -131,6 +131,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = ap.parse_args(argv)
     if args.source != "standin" and args.root is None:
         ap.error(f"--source {args.source} needs --root")
+    if args.source == "standin" and args.root is not None:
+        ap.error(f"--root {args.root!r} is read only for a real data set: give --source "
+                 f"{' or '.join(s for s in SOURCES[args.task] if s != 'standin')} too (without "
+                 f"it the generated stand-in is used)")
     if args.source not in SOURCES[args.task]:
         ap.error(f"--source for {args.task} must be one of {SOURCES[args.task]}")
     kind = default_network_config(args.task, args.source)["kind"]

@@ -53,6 +53,13 @@ ADAPTIVE_IMAGES, ADAPTIVE_EPOCHS, ADAPTIVE_VAL_FRACTION = 1000, 10, 0.1
 FINETUNE = {"unet": ["up2", "up3", "outc"], "resnet18": ["layer4", "fc"], "resnet50": ["layer4.2", "fc"]}
 
 
+def default_threads() -> int:
+    """``$OMP_NUM_THREADS`` when it is set to a positive int (a user's own thread budget), else
+    2."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else 2
+
+
 def parse_args(source: str, argv: Optional[Sequence[str]], doc: str) -> argparse.Namespace:
     """Command-line options shared by both examples (``--quick``: smoke run, < 1 minute, in ``runs/quick/``;
     options given on the command line are kept).
@@ -105,10 +112,10 @@ def parse_args(source: str, argv: Optional[Sequence[str]], doc: str) -> argparse
     ap.add_argument("--finetune-lr", type=positive, default=1e-4, help="Adam step of the fine-tuned layers")
     ap.add_argument("--checkpoint", default=None, help="T* checkpoint (default OUT/task_net.pt)")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--threads", type=pos, default=2,
-                    help="torch threads (2); T* is pretrained in float32, so its weights, and "
-                         "every row after it, depend on this number: the documented tables "
-                         "pretrain T* with --threads 1")
+    ap.add_argument("--threads", type=pos, default=default_threads(),
+                    help="torch threads ($OMP_NUM_THREADS if set, else 2); T* is pretrained in "
+                         "float32, so its weights, and every row after it, depend on this number: "
+                         "the documented tables pretrain T* with --threads 1")
     ap.add_argument("--quick", action="store_true",
                     help="tiny smoke run (< 1 minute) in runs/quick/ (its numbers are not meaningful); "
                          "options given still apply")
@@ -261,16 +268,20 @@ def summary_text(out: Dict[str, Any], metric: str) -> str:
     """An example's table, the paired differences of the task metric at the highest σ, the
     fraction of the clean-minus-noisy ``metric`` gap each route recovers there (mean over the
     seeds, with its 95 % interval), and where the results were written (text to print)."""
-    top = str(out["args"]["sigmas"][-1])
+    top = str(max(out["args"]["sigmas"]))
     iv = (out.get("intervals") or {}).get(top, {})
     lines = [*out["args"].get("notes", []), out["table"]]
     if iv.get("differences"):
         lines += format_intervals(iv["differences"], metric, top)
-    lines.append(f"fraction of the clean-minus-noisy {metric} gap recovered at the highest σ:")
+    lines.append(f"fraction of the clean-minus-noisy {metric} gap recovered at the highest σ "
+                 f"({top}):")
     w = label_width(out["gap_recovered_at_highest_sigma"])
     for route, frac in out["gap_recovered_at_highest_sigma"].items():
         gap = iv.get("gaps", {}).get(route)
         lines.append(f"  {route:<{w}} " + (format_interval(gap, 2) if gap and gap["n"] > 1 else f"{frac:.2f}"))
+    if any(frac != frac for frac in out["gap_recovered_at_highest_sigma"].values()):  # nan
+        lines.append("  (nan: T* is not better on clean than on noisy images there, so there is "
+                     "no gap to recover)")
     lines.append(f"{out['seconds']:.0f} s; wrote {out['args']['out']}/table.json and samples_sigma*.png")
     if out["args"].get("quick"):
         lines.append(SMOKE_RUN)
@@ -314,6 +325,8 @@ def run_example(task: str, source: str, argv: Optional[Sequence[str]] = None,
     (``--restart`` starts over). ``on_stage(name)`` is called after each finished stage
     (``"pretrain epoch 1"``, ``"sigma 0.3: T* on clean"``, ...) once it is on disk."""
     args = _prepare(task, source, argv, doc)
+    if args.quick:  # said first too: with --no-progress nothing else is printed until the table
+        print(SMOKE_RUN, flush=True)
     if args.root is None:
         source = "standin"
     torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
@@ -402,7 +415,7 @@ def _finish(task, source, args, cfg, info, per_seed, reused, t0) -> Dict[str, An
         pairs = comparisons([r["route"] for r in rows[0]])
         intervals[s] = {"metric": metrics[0], "differences": paired_differences(rows, metrics[0], pairs),
                         "gaps": gap_intervals(rows, metrics[0])}
-    top = sigmas[-1]
+    top = str(max(args.sigmas))
     out = {"task": task, "source": source, "network": cfg, "pretrain": info, "args": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "results": results, "seconds": time.perf_counter() - t0, "stages_reused": reused,

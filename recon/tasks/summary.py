@@ -51,10 +51,12 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> Dict[str, Any]:
 
 def gap_recovered(rows: List[Dict[str, Any]], metric: str, route: str) -> float:
     """``(m_route − m_noisy) / (m_clean − m_noisy)``: the fraction of the clean-minus-noisy gap of
-    the task metric ``m`` that a route recovers (1: as good as clean images)."""
+    the task metric ``m`` that a route recovers (1: as good as clean images); ``nan`` when T*
+    is not better on clean than on noisy images (no gap to recover: the fraction would flip
+    sign or blow up)."""
     m = {r["route"]: r[metric] for r in rows}
     gap = m["T* on clean"] - m["T* on noisy"]
-    return float("nan") if gap == 0 else (m[route] - m["T* on noisy"]) / gap
+    return float("nan") if not gap > 0 else (m[route] - m["T* on noisy"]) / gap
 
 
 def mean_rows(per_seed: Sequence[List[Dict[str, Any]]], metrics: Sequence[str]) -> List[Dict[str, Any]]:
