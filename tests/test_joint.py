@@ -289,9 +289,10 @@ def test_cli_resume_with_another_lr_or_data_seed_exits_2_with_the_diff(tmp_path,
     assert console_main([*base[:-1], str(tmp_path / "nowhere"), "--resume"],
                         prog="python -m recon.joint", entry=main) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert console_main([*base, "--clip-grad-norm", "-1"], prog="python -m recon.joint",
-                        entry=main) == 2
-    assert "JointConfig.clip_grad_norm must be a finite number > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # refused when parsed, before any work
+        console_main([*base, "--clip-grad-norm", "-1"], prog="python -m recon.joint", entry=main)
+    assert exit_info.value.code == 2
+    assert "argument --clip-grad-norm: must be a finite number >= 0" in capsys.readouterr().err
 
 
 def test_segmenter_starts_at_the_lesion_prior(tiny):

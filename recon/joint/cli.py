@@ -13,7 +13,7 @@ network sizes); ``evaluate`` rebuilds each model and its test split and prints D
 from __future__ import annotations
 
 import argparse
-from ..training.argtypes import float_above, float_in
+from ..training.argtypes import float_above, float_in, int_at_least
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,26 +32,29 @@ __all__ = ["main", "train_from_args", "load_joint_model", "evaluate_checkpoints"
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     d, m = default_joint_setup(), default_model_options()
+    pos, nonneg = int_at_least(1), int_at_least(0)
+    rate = float_above(0.0, strict=True)
     p.add_argument("--route", choices=ROUTES, required=True)
     p.add_argument("--C", type=float_in(0.0, 1.0), default=0.5, help="task weight C in [0, 1] (joint routes)")
     for key in ("image_size", "n_angles", "n_train", "n_test", "data_seed"):
-        p.add_argument("--" + key.replace("_", "-"), type=int, default=d[key])
+        p.add_argument("--" + key.replace("_", "-"), type=nonneg if key == "data_seed" else pos,
+                       default=d[key], help=f"({d[key]})")
     p.add_argument("--photons", type=float_above(0.0, strict=True), default=d["photons"],
                    help="Poisson I0 (7e4)")
     for key, value in m.items():
-        p.add_argument("--" + key.replace("_", "-"), type=int, default=value)
-    p.add_argument("--epochs", type=int, default=7)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--clip-grad-norm", type=float, default=1.0,
+        p.add_argument("--" + key.replace("_", "-"), type=pos, default=value, help=f"({value})")
+    p.add_argument("--epochs", type=pos, default=7, help="(7)")
+    p.add_argument("--batch-size", type=pos, default=4, help="(4)")
+    p.add_argument("--lr", type=rate, default=3e-3, help="Adam learning rate (3e-3)")
+    p.add_argument("--clip-grad-norm", type=float_in(0.0), default=1.0,
                    help="global gradient-norm clip (> 0; 0 turns clipping off)")
-    p.add_argument("--pretrain-epochs", type=int, default=0,
+    p.add_argument("--pretrain-epochs", type=nonneg, default=0,
                    help="joint routes: pretrain the reconstructor on MSE and the U-Net on clean "
                         "images for this many epochs each, then train jointly (0: from scratch)")
-    p.add_argument("--joint-lr", type=float, default=None,
+    p.add_argument("--joint-lr", type=rate, default=None,
                    help="learning rate of the joint stage after pretraining (default --lr / 10)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=nonneg, default=0, help="(0)")
+    p.add_argument("--threads", type=pos, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default=None, help="checkpoint folder (default runs/joint/<route>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out where it stopped (the same settings only; "
@@ -76,6 +79,8 @@ def train_from_args(args: argparse.Namespace) -> dict[str, Any]:
                                 data_seed=args.data_seed, photons=args.photons)
     options = default_model_options(**{k: getattr(args, k) for k in default_model_options()})
     out = Path(args.out or f"runs/joint/{args.route}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; the checkpoints need a folder")
     if args.resume and not out.is_dir():
         raise FileNotFoundError(f"cannot resume: --out {str(out)!r} does not exist; train "
                                 "without --resume")
