@@ -397,4 +397,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from recon.training.cli import console_main  # bad settings and files: "error: ...", status 2
+
+    sys.exit(console_main(prog="ct_joint.py", entry=main))

@@ -243,4 +243,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from recon.training.cli import console_main  # bad settings and files: "error: ...", status 2
+
+    sys.exit(console_main(prog="ct_unrolling.py", entry=main))

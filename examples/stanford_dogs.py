@@ -39,4 +39,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from recon.training.cli import console_main  # bad settings and files: "error: ...", status 2
+
+    sys.exit(console_main(prog="stanford_dogs.py", entry=main))
