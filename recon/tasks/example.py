@@ -75,9 +75,14 @@ def parse_args(source: str, argv: Optional[Sequence[str]], doc: str) -> argparse
                     help="noise levels (default 0.3, the highest of the reference's; --quick: 0.3)")
     ap.add_argument("--n-train", type=pos, default=None, help="images θ is learned on (100; --quick: 8)")
     ap.add_argument("--n-test", type=pos, default=None,
-                    help="held-out images every row is scored on (500; --quick: 32)")
-    ap.add_argument("--n-pretrain", type=pos, default=None, help="clean images T* is trained on")
-    ap.add_argument("--epochs", type=nonneg, default=None, help="pretraining epochs")
+                    help="held-out images every row is scored on (500, or all 450 test digits "
+                         "of the classification stand-in; --quick: 32)")
+    ap.add_argument("--n-pretrain", type=pos, default=None,
+                    help="clean images T* is trained on (default: the stand-in's 1000 generated "
+                         "scenes or 1347 training digits, or the whole training split of --root; "
+                         "--quick: 96)")
+    ap.add_argument("--epochs", type=nonneg, default=None,
+                    help="pretraining epochs of T* (segmentation 12, classification 5; --quick: 1)")
     ap.add_argument("--iters", type=pos, default=None,
                     help="cap on the outer (QuasiNewton) iterations of a route; a loop that stops "
                          "at the cap is marked not converged (100; --quick: 3)")
@@ -108,10 +113,14 @@ def parse_args(source: str, argv: Optional[Sequence[str]], doc: str) -> argparse
                     help="with --adaptive-images 0: cap on the outer iterations of each "
                          f"adaptive-TV route ({ADAPTIVE_ITERS}; --quick: 3)")
     ap.add_argument("--tolerances", type=float_in(0.0, 1.0, strict_low=True, strict_high=True),
-                    nargs="+", default=[1e-3, 1e-5])
-    ap.add_argument("--finetune-lr", type=positive, default=1e-4, help="Adam step of the fine-tuned layers")
+                    nargs="+", default=[1e-3, 1e-5],
+                    help="relative inner and CG accuracies of the task routes, one row each "
+                         "(1e-3 1e-5, as in the reference)")
+    ap.add_argument("--finetune-lr", type=positive, default=1e-4,
+                    help="Adam step of the fine-tuned layers (1e-4)")
     ap.add_argument("--checkpoint", default=None, help="T* checkpoint (default OUT/task_net.pt)")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None,
+                    help="output folder (default outputs/<task>_<source>; --quick: runs/quick/...)")
     ap.add_argument("--threads", type=pos, default=default_threads(),
                     help="torch threads ($OMP_NUM_THREADS if set, else 2); T* is pretrained in "
                          "float32, so its weights, and every row after it, depend on this number: "
