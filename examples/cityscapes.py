@@ -29,11 +29,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from recon.scripts import SMOKE_RUN  # noqa: E402
 from recon.tasks.example import run_example, summary_text  # noqa: E402
 from recon.tasks.minibatch import add_minibatch_route  # noqa: E402
 
 
 def main(argv=None):
+    if "--quick" in (sys.argv[1:] if argv is None else argv):  # said first: the table comes last
+        print(SMOKE_RUN, flush=True)
     out = run_example("segmentation", "cityscapes", argv, __doc__)
     if out["source"] != "standin":  # a real data set: θ also learned over all of it, in minibatches
         out = add_minibatch_route(out)

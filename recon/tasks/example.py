@@ -270,8 +270,6 @@ def run_example(task: str, source: str, argv: Optional[Sequence[str]] = None,
     (``--restart`` starts over). ``on_stage(name)`` is called after each finished stage
     (``"pretrain epoch 1"``, ``"sigma 0.3: T* on clean"``, ...) once it is on disk."""
     args = _prepare(task, source, argv, doc)
-    if args.quick:  # said first too: with --no-progress nothing else is printed until the table
-        print(SMOKE_RUN, flush=True)
     if args.root is None:
         source = "standin"
     torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))

@@ -273,9 +273,7 @@ def fit(model: nn.Module, train_data: TensorData, val_data: TensorData | None = 
         :class:`TrainResult`.
     """
     config = config or TrainConfig()
-    _check_fit_inputs(config, train_data, val_data, max_steps)
-    for name, data in (("train_data", train_data), ("val_data", val_data)):
-        _check_image_shape(model, data, name)
+    _check_fit_inputs(model, config, train_data, val_data, max_steps)
     out_dir = _prepare_out_dir(out_dir)
     device, n, steps_per_epoch, total_steps = _layout(model, train_data, config)
     optimizer, scheduler, result, epoch_losses, meta = _start_training(
@@ -387,12 +385,14 @@ def _train_step(model, optimizer, data, idx, device, config) -> float:
     return value
 
 
-def _check_fit_inputs(config, train_data, val_data, max_steps) -> None:
+def _check_fit_inputs(model, config, train_data, val_data, max_steps) -> None:
     if not isinstance(config, TrainConfig):
         raise TypeError(f"`config` must be a TrainConfig, got {type(config).__name__}")
     _check_data(train_data, "train_data", config.x0_key)
+    _check_image_shape(model, train_data, "train_data")
     if val_data is not None:
         _check_data(val_data, "val_data", config.x0_key, validation=True)
+        _check_image_shape(model, val_data, "val_data")
     if max_steps is not None and (not isinstance(max_steps, numbers.Integral) or max_steps < 0):
         raise ValueError(f"`max_steps` must be None or an int >= 0, got {max_steps!r}")
 
