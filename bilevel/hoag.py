@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from .history import tolerance_schedule
-from .outer import UNCONFIRMED, LoopState, OuterLoop, implicit_estimator
+from .outer import UNCONFIRMED, LoopState, OuterLoop, accuracy_floor, implicit_estimator
 from .problem import (Bounds, HypergradientEstimator, InnerProblem, OuterLoss, Theta,
                       check_tolerance, gradient_mapping_norm, project, theta_axpy,
                       theta_distance, theta_dot, theta_floats, theta_norm, theta_sub)
@@ -169,7 +169,7 @@ class HOAG(OuterLoop):
     # ----- accuracies -------------------------------------------------------------------------
     def _eps_floor(self, dtype: torch.dtype) -> float:
         """``tol_min``, or its dtype default (``1e-10`` in float64, ``1e-5`` otherwise)."""
-        return self.tol_min if self.tol_min is not None else (1e-10 if dtype == torch.float64 else 1e-5)
+        return self.tol_min if self.tol_min is not None else accuracy_floor(dtype)
 
     def _eps(self, st: HOAGState, dtype: torch.dtype) -> float:
         eps = max(self.schedule(st.k) * st.tol_scale, self._eps_floor(dtype))

@@ -36,6 +36,12 @@ UNCONFIRMED = ("cannot confirm stationarity: the inner solve or CG did not reach
                "accuracy (raise inner_max_iter / the estimator's max_iter)")
 
 
+def accuracy_floor(dtype: torch.dtype) -> float:
+    """The relative accuracy an inner solve and CG can reach in ``dtype``, the default floor
+    ``ε_min`` of the outer loops: ``1e-10`` in float64, ``1e-5`` otherwise."""
+    return 1e-10 if dtype == torch.float64 else 1e-5
+
+
 def implicit_estimator(estimator: Optional[HypergradientEstimator]) -> HypergradientEstimator:
     """``estimator``, or a new :class:`~bilevel.ImplicitCG` when ``None``; ``TypeError`` for
     anything that is not a :class:`~bilevel.HypergradientEstimator`."""

@@ -76,7 +76,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .outer import UNCONFIRMED, LoopState, OuterLoop, implicit_estimator
+from .outer import UNCONFIRMED, LoopState, OuterLoop, accuracy_floor, implicit_estimator
 from .problem import (Bounds, HypergradientEstimator, InnerProblem, OuterLoss, Theta,
                       check_tolerance, theta_floats)
 
@@ -253,10 +253,9 @@ class QuasiNewton(OuterLoop):
 
     @staticmethod
     def _dtype_floor(st: QuasiNewtonState) -> float:
-        """The accuracy a hypergradient can reach in the working dtype: ``1e-10`` in float64,
-        ``1e-5`` otherwise."""
+        """:func:`bilevel.outer.accuracy_floor` of the working dtype."""
         dtype = st.x.dtype if st.x is not None else next(iter(st.theta.values())).dtype
-        return 1e-10 if dtype == torch.float64 else 1e-5
+        return accuracy_floor(dtype)
 
     def _gtol(self, st: QuasiNewtonState) -> float:
         """``gtol``, raised to :meth:`_dtype_floor`: a relative gradient below the relative
