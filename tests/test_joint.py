@@ -363,3 +363,20 @@ def test_job_pool_refuses_bad_counts_by_name(field, value):
     with pytest.raises(ValueError, match=field):
         JobPool(default_joint_setup(image_size=16, n_angles=8, n_train=2, n_test=2),
                 **{field: value})
+
+
+def test_batchnorm_statistics_are_recomputed_exactly_at_the_end_of_training():
+    from recon.joint import JointNet
+    from recon.joint.trainer import recompute_batchnorm
+
+    g = torch.Generator().manual_seed(0)
+    data = {"image": 3.0 + 2.0 * torch.randn(8, 1, 4, 4, generator=g),
+            "sinogram": torch.zeros(8, 1, 2, 2)}
+    bn = torch.nn.BatchNorm2d(1)
+    net = JointNet(None, torch.nn.Sequential(bn), input_key="image").eval()
+    recompute_batchnorm(net, data, batch_size=4)
+    batches = data["image"].split(4)
+    assert float(bn.running_mean) == pytest.approx(float(data["image"].mean()), rel=1e-6)
+    assert float(bn.running_var) == pytest.approx(
+        sum(float(b.var()) for b in batches) / len(batches), rel=1e-6)
+    assert bn.momentum == 0.1 and not net.training  # restored
