@@ -171,8 +171,7 @@ def tv_convergence_lines(tv_loops: dict, cap: int) -> list:
     not converged: its θ, and so its Dice and PSNR, are not those of the optimum)."""
     lines = []
     for name, label in (("tv_mse", "TV, MSE-learned θ"), ("tv_task", "TV, task-learned θ")):
-        runs = tv_loops.get(name)
-        runs = [runs] if isinstance(runs, tuple) else [r for r in runs or [] if r is not None]
+        runs = [r for r in tv_loops.get(name, []) if r is not None]
         failed = [msg for ok, msg in runs if not ok]
         if not failed:
             lines.append(f"{label}: converged ({len(runs)} loop(s))")
@@ -213,7 +212,8 @@ class _Results:
             self.rows.update(tv_mse=[None] * n, tv_task=[None] * n)
         self.sweep, self.samples, self.cpu = {}, {}, 0.0
         self.thetas = {} if args.no_tv else {"tv_task": [None] * n}
-        self.tv_loops = {} if args.no_tv else {"tv_task": [None] * n}  # (success, message)
+        #: (success, message) of every TV loop: one for tv_mse, one per seed for tv_task
+        self.tv_loops = {} if args.no_tv else {"tv_mse": [None], "tv_task": [None] * n}
         self._tv_mse, self._clean = None, {}
 
     def take(self, kind: str, key, out: dict) -> list:
@@ -224,7 +224,7 @@ class _Results:
             return []
         if kind == "TV MSE":
             self._tv_mse, self.thetas["tv_mse"] = out, out["theta"]
-            self.tv_loops["tv_mse"] = (out["converged"], out["message"])
+            self.tv_loops["tv_mse"][0] = (out["converged"], out["message"])
         elif kind == "routes":
             for route, row in out["rows"].items():
                 self.rows[route][key] = row
@@ -386,8 +386,7 @@ def main(argv=None) -> dict:
                           for r, v in rows.items()},
               "paired_vs_sequential": diffs,
               "sweep": {str(C): r for C, r in sweep.items()}, "tv_theta": thetas,
-              "tv_converged": {k: ([x[0] for x in v] if isinstance(v, list) else v[0])
-                               for k, v in results.tv_loops.items()},
+              "tv_converged": {k: [x[0] for x in v] for k, v in results.tv_loops.items()},
               "step_time": ratio, "total_seconds": total,
               "cpu_seconds": cpu}
     (out / "table.json").write_text(json.dumps(result, indent=2))

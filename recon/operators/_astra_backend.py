@@ -45,7 +45,7 @@ def astra_geometries(geometry: Geometry):
     astra = _astra()
     H, W = geometry.image_shape
     h, w = geometry.extent
-    dy, dx = h / H, w / W
+    dy, dx = geometry.pixel_size
     if not math.isclose(dy, dx, rel_tol=1e-9):
         raise ValueError(f"backend='astra' needs square pixels (its 2-D CPU projectors assume "
                          f"them), got pixel size {dy:g} × {dx:g} from extent {tuple(geometry.extent)} "

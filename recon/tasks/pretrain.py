@@ -171,7 +171,8 @@ def pretrain(network: nn.Module, data: Mapping[str, Tensor], loss: Callable[[Ten
         if checkpoint is not None:
             save_checkpoint({"config": settings["config"], "model": network.state_dict(),
                              "optimizer": opt.state_dict(), "epoch": epoch + 1, "history": history,
-                             "target_epochs": int(epochs), "settings": {k: v for k, v in settings.items() if k != "config"}},
+                             "target_epochs": int(epochs),
+                             "settings": {k: v for k, v in settings.items() if k != "config"}},
                             checkpoint)
         if callback is not None:
             callback(epoch + 1, history[-1])

@@ -200,8 +200,6 @@ def _check_image_shape(model: nn.Module, data: Any, name: str) -> None:
     """``ValueError`` unless ``data["image"]`` is ``(N, 1, H, W)`` with the model's
     ``image_shape`` (a model without that attribute is only checked for 4 dimensions): the loss
     would otherwise broadcast an ``(N, H, W)`` target against ``(N, 1, H, W)`` outputs."""
-    if data is None:
-        return
     image = data["image"]
     spatial = getattr(model, "image_shape", None)
     want = "(N, 1, " + (", ".join(str(v) for v in spatial) if spatial is not None else "H, W") + ")"
