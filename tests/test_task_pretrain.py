@@ -43,6 +43,56 @@ def test_resumed_pretraining_repeats_the_uninterrupted_run(tmp_path):
     assert torch.equal(net.outc.weight, resumed.outc.weight)
 
 
+def _running_stats(net):
+    return [t.clone() for k, t in net.state_dict().items() if "running_" in k]
+
+
+def test_pretraining_ends_with_the_batchnorm_statistics_of_its_final_weights(tmp_path):
+    from recon.models.batchnorm import recompute_batchnorm
+
+    data, loss, ck = _data(), SegmentationLoss(), tmp_path / "net.pt"
+    net = _net()
+    pretrain(net, data, loss, epochs=2, batch_size=5, lr=1e-2, checkpoint=ck, config=CFG,
+             progress=False)
+    trained = _running_stats(net)
+    probe = _net()
+    probe.load_state_dict(net.state_dict())
+    assert recompute_batchnorm(probe, data["image"], 5)
+    for a, b in zip(trained, _running_stats(probe)):  # already exact: a second pass agrees
+        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6)
+    saved, state = load_task_network(ck)
+    assert state["batchnorm_recomputed"] is True
+    for a, b in zip(trained, _running_stats(saved)):
+        assert torch.equal(a, b)
+    # a checkpoint of the last epoch written before the statistics were (interrupted there)
+    # gets them on resume, and the weights do not move
+    state["batchnorm_recomputed"] = False
+    for k in [k for k in state["model"] if k.endswith("running_mean")]:
+        state["model"][k] = torch.full_like(state["model"][k], 7.0)
+    torch.save(state, ck)
+    again = _net()
+    pretrain(again, data, loss, epochs=2, batch_size=5, lr=1e-2, checkpoint=ck, config=CFG,
+             progress=False)
+    assert torch.equal(again.outc.weight, net.outc.weight)
+    for a, b in zip(trained, _running_stats(again)):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6)
+    assert load_task_network(ck)[1]["batchnorm_recomputed"] is True
+
+
+def test_recompute_batchnorm_takes_tensors_and_refuses_a_bad_batch_size():
+    from recon.models.batchnorm import recompute_batchnorm
+
+    x = 3.0 + 2.0 * torch.randn(10, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    bn = torch.nn.BatchNorm2d(2).eval()
+    assert recompute_batchnorm(bn, x, batch_size=10)
+    assert torch.allclose(bn.running_mean, x.mean(dim=(0, 2, 3)), atol=1e-6)
+    assert torch.allclose(bn.running_var, x.transpose(0, 1).reshape(2, -1).var(dim=1), atol=1e-5)
+    assert not bn.training and bn.momentum == 0.1
+    assert not recompute_batchnorm(torch.nn.Conv2d(2, 2, 1), x, batch_size=4)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        recompute_batchnorm(bn, x, batch_size=0)
+
+
 def test_pretrain_named_errors(tmp_path):
     data = _data()
     ck = tmp_path / "net.pt"

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from recon.checkpoint import load_checkpoint, save_checkpoint
 
+from ..models.batchnorm import recompute_batchnorm
 from .losses import JointLoss
 
 __all__ = ["JointConfig", "JointNet", "JointTrainResult", "joint_gradients", "fit_joint"]
@@ -260,31 +261,3 @@ def fit_joint(net: JointNet, loss_fn: JointLoss, train_data: TensorData, config:
                                    config.epochs * per_epoch), last)
     bar.close()
     return result
-
-
-def recompute_batchnorm(net: JointNet, data: TensorData, batch_size: int) -> None:
-    """Replace the running statistics of every BatchNorm layer of ``net`` by their exact means
-    over ``data`` at the current weights (one pass in batches of ``batch_size``, no gradients;
-    the layers' inputs are what they see in training, e.g. reconstructions for the U-Net).
-
-    During training the running mean and variance are exponential averages (momentum 0.1) of
-    batch statistics taken while the weights move; with batches of 4 at lr 3e-3 they lag the
-    final weights so far that the evaluation-mode network failed on its own training images
-    (clean route, Dice 0.25 at the end of one seed, 0.96 after this pass).
-    """
-    layers = [m for m in net.modules()
-              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not layers:
-        return
-    momenta, was_training = [m.momentum for m in layers], net.training
-    for m in layers:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average: every batch counts the same
-    net.train()
-    n = len(next(iter(data.values())))
-    with torch.no_grad():
-        for i in range(0, n, batch_size):
-            net({k: v[i:i + batch_size] for k, v in data.items()})
-    for m, momentum in zip(layers, momenta):
-        m.momentum = momentum
-    net.train(was_training)
