@@ -41,10 +41,15 @@ def _batch(inputs: Inputs, start: int, stop: int) -> Inputs:
 
 def recompute_batchnorm(net: nn.Module, inputs: Inputs, batch_size: int) -> bool:
     """Set the running statistics of every BatchNorm layer of ``net`` to their means over
-    ``inputs`` (a tensor ``(N, ...)`` or a mapping of tensors sharing ``N``; ``net`` is called
-    on slices of ``batch_size`` samples, in training mode and without gradients; see the module
-    docstring). The layers' momenta and the network's mode are restored. Returns whether
-    ``net`` has such layers (nothing is run otherwise)."""
+    ``inputs``: ``μ_c = (1/B) Σ_b mean_b(x_c)``, ``σ²_c = (1/B) Σ_b var_b(x_c)`` over the ``B``
+    batches of ``batch_size`` samples (``var_b`` unbiased, as PyTorch's running variance), at
+    the current weights. The running averages of training (``r ← 0.9·r + 0.1·b``) lag moving
+    weights; call this once training ends.
+
+    ``inputs`` is a tensor ``(N, ...)`` or a mapping of tensors sharing ``N`` (``net`` is called
+    on slices of it, in training mode and without gradients). The layers' momenta and the
+    network's mode are restored. Returns whether ``net`` has such layers (nothing is run
+    otherwise); a ``batch_size`` below 1 is a ``ValueError``."""
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     layers = batchnorm_layers(net)

@@ -10,7 +10,7 @@ written atomically to ``checkpoint`` (:func:`recon.checkpoint.save_checkpoint`);
 :func:`recon.checkpoint.check_resume`). A loss or a weight that is not finite stops the run
 with ``FloatingPointError`` before anything is saved. At the end the batch-norm running
 statistics are recomputed over the training images at the final weights
-(:func:`~recon.models.batchnorm.recompute_batchnorm`; the momentum-0.1 averages lag the weights,
+(:func:`~recon.models.recompute_batchnorm`; the momentum-0.1 averages lag the weights,
 and the segmentation U-Net of the examples lost 0.05 clean Dice to that lag) and the checkpoint
 is written once more, marked ``batchnorm_recomputed``.
 :func:`load_task_network` rebuilds the network from such a file with
@@ -121,7 +121,7 @@ def _resume(checkpoint, network, opt, settings, accept_changes) -> Tuple[list, i
 
 def _state(network, opt, settings, history, epochs, exact_stats: bool) -> Dict[str, Any]:
     """The checkpoint after ``len(history)`` epochs (``exact_stats``: the batch-norm statistics
-    are those of the final weights, :func:`~recon.models.batchnorm.recompute_batchnorm`)."""
+    are those of the final weights, :func:`~recon.models.recompute_batchnorm`)."""
     return {"config": settings["config"], "model": network.state_dict(),
             "optimizer": opt.state_dict(), "epoch": len(history), "history": history,
             "target_epochs": int(epochs), "batchnorm_recomputed": bool(exact_stats),
