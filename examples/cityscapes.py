@@ -1,6 +1,6 @@
 """Task-adapted TV denoising for segmentation: Cityscapes (the reference's Table 3.3).
 
-    PYTHONPATH=. python examples/cityscapes.py                          # stand-in: σ = 0.3, 2 seeds
+    PYTHONPATH=. python examples/cityscapes.py                          # stand-in: σ = 0.3, 1 seed
     PYTHONPATH=. python examples/cityscapes.py --seeds 3                # the measured table
     PYTHONPATH=. python examples/cityscapes.py --seeds 3 --experts      # + field-of-experts rows
     PYTHONPATH=. python examples/cityscapes.py --seeds 3 --adaptive     # + adaptive-TV rows
