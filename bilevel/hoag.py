@@ -35,6 +35,11 @@ mapping; ``= g`` without bounds), or the next proposed move is below
 (nothing measurable is left to gain). The run
 fails (``success=False``, with a warning) when the inner problem fails at every step down to that
 size, or is not finite at an accepted point.
+
+Round-off (automatic floor only): when the inner solve stops at its iteration cap with relative
+accuracy ``a ≤ 100·ε_min`` (float32 sums over many pixels), the floor is raised to ``2a`` with a
+warning and the same step is tried again there
+(:meth:`~bilevel.outer.OuterLoop._roundoff_floor`); a ``tol_min`` you pass is never changed.
 """
 from __future__ import annotations
 
@@ -91,7 +96,8 @@ class HOAG(OuterLoop):
         a relative CG tolerance.
     tolerance: ``"geometric"``, ``"quadratic"``, ``"cubic"``, ``"constant"`` or ``k ↦ ε_k``.
     tol0, tol_rate: relative first accuracy ``ε₀`` (default ``0.1``) and geometric rate.
-    tol_min: floor of the relative accuracy (``None``: ``1e-10`` in float64, ``1e-5`` in float32).
+    tol_min: floor of the relative accuracy (``None``: ``1e-10`` in float64, ``1e-5`` in float32,
+        raised where the inner solve stalls at round-off above it; module docstring).
     max_iter: outer iterations (trials, accepted or not).
     step_size: initial step ``α₀``; ``None`` uses ``1/‖g₀‖``.
     c1, grow, shrink: the sufficient-decrease constant and the step factors.
@@ -167,17 +173,25 @@ class HOAG(OuterLoop):
         self.floor_gtol = check_tolerance("floor_gtol", floor_gtol, allow_zero=True)
 
     # ----- accuracies -------------------------------------------------------------------------
-    def _eps_floor(self, dtype: torch.dtype) -> float:
-        """``tol_min``, or its dtype default (``1e-10`` in float64, ``1e-5`` otherwise)."""
-        return self.tol_min if self.tol_min is not None else accuracy_floor(dtype)
+    def _eps_floor(self, st: HOAGState, dtype: torch.dtype) -> float:
+        """``tol_min``, or its dtype default (``1e-10`` in float64, ``1e-5`` otherwise), raised
+        where the inner solve stalls at round-off above it (``st.raised_floor``)."""
+        if self.tol_min is not None:
+            return self.tol_min
+        return max(accuracy_floor(dtype), st.raised_floor or 0.0)
 
     def _eps(self, st: HOAGState, dtype: torch.dtype) -> float:
-        eps = max(self.schedule(st.k) * st.tol_scale, self._eps_floor(dtype))
-        return eps if st.eps_cap is None else min(eps, st.eps_cap)
+        floor = self._eps_floor(st, dtype)
+        eps = max(self.schedule(st.k) * st.tol_scale, floor)
+        return eps if st.eps_cap is None else max(min(eps, st.eps_cap), floor)
 
-    def _confirm_eps(self, dtype: torch.dtype) -> float:
+    def _confirm_eps(self, st: HOAGState, dtype: torch.dtype) -> float:
         """The accuracy a stop is confirmed at: ``max(ε_min, 10⁻²·gtol)``."""
-        return max(self._eps_floor(dtype), 1e-2 * self.gtol)
+        return max(self._eps_floor(st, dtype), 1e-2 * self.gtol)
+
+    def _raise_floor(self, st: HOAGState, sol, reason: Optional[str], dtype) -> bool:
+        """:meth:`~bilevel.outer.OuterLoop._roundoff_floor` with this loop's floor and scale."""
+        return self._roundoff_floor(st, sol, reason, self._eps_floor(st, dtype), st.inner_ref)
 
     def _start(self, theta: Theta, batch: Any, x0: Optional[Tensor]) -> HOAGState:
         ref = self._inner_reference(theta, batch)
@@ -196,6 +210,12 @@ class HOAG(OuterLoop):
         trial = project(theta_axpy(-alpha, st.grad, st.theta), self.bounds)
         st.last_theta = trial
         sol, reason = self._solve(st, trial, batch, eps * st.inner_ref, st.x)
+        if self._raise_floor(st, sol, reason, dtype):  # round-off: the same step, raised floor
+            return dict(upper_loss=math.nan, loss_correction=math.nan, tol=eps,
+                        inner_tol=eps * st.inner_ref, step_size=alpha,
+                        inner_iterations=sol.max_iterations, inner_converged=False,
+                        theta=theta_floats(trial), grad_norm=st.gnorm, cg_iterations=0,
+                        cg_converged=None, accepted=False, reason=reason)
         f_trial = unc = math.nan
         hg = None
         if reason is None:
@@ -255,7 +275,7 @@ class HOAG(OuterLoop):
         if st.q is None and sol.max_iterations == 0:  # no adjoint, and x did not move at all
             noise = math.inf
         margin = f_hat - (st.closs - predicted)  # ≤ 0: the test passes
-        floor = self._eps_floor(dtype)
+        floor = self._eps_floor(st, dtype)
         if abs(margin) < noise and noise > 0.1 * predicted and eps > floor:  # undecided: resolve
             st.tol_scale *= min(0.5, max(0.01, 0.25 * predicted / noise)) if noise < math.inf else 0.1
             return "loss not resolved", unc, None
@@ -280,6 +300,8 @@ class HOAG(OuterLoop):
                             inner_iterations=0, cg_iterations=0, step_size=st.step, accepted=False,
                             reason=reason, inner_converged=False, cg_converged=False,
                             theta=theta_floats(st.theta))
+            if self._raise_floor(st, sol, reason, sol.x.dtype):  # round-off: met at the new floor
+                reason = None
             if reason is not None:
                 self._warn_once(st, "inner", reason + "; flagged in History as inner_converged=False")
             st.x, n_inner, inner_ok = sol.x, sol.max_iterations, reason is None
@@ -358,7 +380,7 @@ class HOAG(OuterLoop):
         the confirmation accuracy when it was computed at a looser one; ``False`` (and a message
         when nothing more can be done) otherwise."""
         dtype = st.x.dtype if st.x is not None else next(iter(st.theta.values())).dtype
-        target = self._confirm_eps(dtype)
+        target = self._confirm_eps(st, dtype)
         if st.grad_eps <= target * (1 + 1e-12):
             if not st.grad_ok:
                 st.message = UNCONFIRMED

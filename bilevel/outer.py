@@ -42,6 +42,12 @@ def accuracy_floor(dtype: torch.dtype) -> float:
     return 1e-10 if dtype == torch.float64 else 1e-5
 
 
+#: how :meth:`OuterLoop._solve` begins the reason of an inner solve stopped by its iteration cap
+INNER_CAP = "inner solve hit its iteration cap"
+#: an inner solve that stalls within this factor of the dtype's floor is taken as round-off
+ROUNDOFF_FACTOR = 100.0
+
+
 def implicit_estimator(estimator: Optional[HypergradientEstimator]) -> HypergradientEstimator:
     """``estimator``, or a new :class:`~bilevel.ImplicitCG` when ``None``; ``TypeError`` for
     anything that is not a :class:`~bilevel.HypergradientEstimator`."""
@@ -59,7 +65,9 @@ class LoopState:
 
     ``theta``/``x``: the current accepted iterate and its inner solution; ``k`` iterations done;
     ``elapsed`` seconds; ``cost`` inner + CG iterations so far; ``best_*`` the accepted iterate
-    with the lowest upper loss; ``last_theta`` the last point tried.
+    with the lowest upper loss; ``last_theta`` the last point tried; ``raised_floor`` the
+    automatic accuracy floor where the inner solve stalls at round-off
+    (:meth:`OuterLoop._roundoff_floor`; ``None`` while the dtype's floor holds).
     """
 
     theta: Theta
@@ -75,6 +83,7 @@ class LoopState:
     best_iteration: Optional[int] = None
     last_theta: Optional[Theta] = None
     warned: List[str] = field(default_factory=list)
+    raised_floor: Optional[float] = None
 
     #: field names that are not written to checkpoints (recomputed after a resume)
     TRANSIENT: ClassVar[Tuple[str, ...]] = ()
@@ -313,9 +322,36 @@ class OuterLoop:
         if not (bool(torch.isfinite(sol.x).all()) and bool(torch.isfinite(sol.grad_norm).all())):
             return sol, "inner solve produced non-finite values"
         if not sol.all_converged:
-            return sol, (f"inner solve hit its iteration cap before tolerance {tol:.2e} "
+            return sol, (f"{INNER_CAP} before tolerance {tol:.2e} "
                          f"(max ‖∇Φ‖ = {float(sol.grad_norm.max()):.2e})")
         return sol, None
+
+    def _roundoff_floor(self, st: LoopState, sol: Optional[SolveResult], reason: Optional[str],
+                        floor: float, ref: float) -> bool:
+        """Raise the automatic accuracy floor where the inner solve stalls at round-off.
+
+        When the solve stopped at its iteration cap (``reason`` starts with :data:`INNER_CAP`)
+        with relative accuracy ``a = max_b‖∇ₓΦ_b‖/ref ≤ 100·accuracy_floor(dtype)`` and
+        ``2a > floor`` (the floor in force), ``st.raised_floor = 2a``, a warning says so once,
+        and ``True`` is returned. Never when the loop was given a ``tol_min``."""
+        if getattr(self, "tol_min", None) is not None or sol is None:
+            return False
+        if not (reason or "").startswith(INNER_CAP):
+            return False
+        local = float(sol.grad_norm.max()) if sol.grad_norm.numel() else 0.0
+        attained = dist_.all_reduce(local, "max") / ref
+        base = accuracy_floor(sol.x.dtype)
+        if not (math.isfinite(attained) and attained <= ROUNDOFF_FACTOR * base):
+            return False
+        new = 2.0 * attained
+        if new <= floor:
+            return False
+        st.raised_floor = new
+        self._warn_once(st, "roundoff", (
+            f"the inner solve stalls in {sol.x.dtype} at relative accuracy {attained:.1e}, above "
+            f"the floor {base:.0e}; the accuracy floor is raised to {new:.1e} (pass tol_min to "
+            f"fix it)"))
+        return True
 
     def _convexity_failure(self, theta: Theta, batch: Any) -> Optional[str]:
         """Why the inner problem has no unique minimiser at ``theta`` by its own account
@@ -349,7 +385,7 @@ class OuterLoop:
         if nonfinite:
             return sol, "inner solve produced non-finite values"
         if not sol.all_converged:
-            return sol, (f"inner solve hit its iteration cap before tolerance {tol:.2e} "
+            return sol, (f"{INNER_CAP} before tolerance {tol:.2e} "
                          f"(max ‖∇Φ‖ = {gmax:.2e})")
         return sol, None
 

@@ -66,6 +66,15 @@ small but the curvature is smaller still, is not taken for an optimum). When eve
 memory cleared, the run succeeds if ``‖G(g)‖ ≤ floor_gtol·‖G(g_0)‖`` ("no measurable decrease
 left") and fails otherwise. Inner failures at every step size, a failure at an accepted point,
 and the iteration cap end the run with ``success=False`` and a message naming the cause.
+
+**Round-off** (automatic floor only, ``tol_min=None``): in float32 an inner solver can stall
+above the floor ``ε_min`` (sums over many pixels carry round-off of order ``√n·u``), and a trial
+it cannot finish would be rejected at every step size. When the inner solve hits its iteration
+cap with ``max_b‖∇ₓΦ_b‖ = a·R`` and ``a ≤ 100·ε_min``, the floor is raised to ``2a`` (once per
+level; a warning says so; :meth:`~bilevel.outer.OuterLoop._roundoff_floor`, shared with
+:class:`~bilevel.HOAG`), the same trial is solved again there, and ``gtol`` and the
+confirmation accuracy follow the raised floor. The success message names the raised floor. A
+user's ``tol_min`` is never changed.
 """
 from __future__ import annotations
 
@@ -187,7 +196,8 @@ class QuasiNewton(OuterLoop):
     tol0: relative first accuracy ``ε₀`` in (0, 1).
     tol_power: the exponent ``p`` in [1, 4] of the accuracy rule (module docstring).
     tol_rate: factor in (0, 1) applied to ``ε`` after a stale trial.
-    tol_min: accuracy floor ``ε_min`` (``None``: ``1e-10`` in float64, ``1e-5`` otherwise).
+    tol_min: accuracy floor ``ε_min`` (``None``: ``1e-10`` in float64, ``1e-5`` otherwise,
+        raised where the inner solve stalls at round-off above it; module docstring).
     max_iter: outer iterations (every trial point is one, accepted or not).
     max_move: cap of one step, ``‖Δθ‖_∞ ≤ max_move·max(1, ‖θ‖_∞)``.
     c1: sufficient-decrease constant in (0, 1).
@@ -249,19 +259,36 @@ class QuasiNewton(OuterLoop):
 
     # ----- accuracies -------------------------------------------------------------------------
     def _floor(self, st: QuasiNewtonState) -> float:
-        return self._dtype_floor(st) if self.tol_min is None else self.tol_min
+        """``tol_min``, or the automatic floor: the dtype's, raised where the inner solve stalls
+        at round-off (:meth:`_raise_floor`)."""
+        return self._auto_floor(st) if self.tol_min is None else self.tol_min
+
+    def _auto_floor(self, st: QuasiNewtonState) -> float:
+        return max(self._dtype_floor(st), st.raised_floor or 0.0)
 
     @staticmethod
-    def _dtype_floor(st: QuasiNewtonState) -> float:
+    def _working_dtype(st: QuasiNewtonState) -> torch.dtype:
+        return st.x.dtype if st.x is not None else next(iter(st.theta.values())).dtype
+
+    @classmethod
+    def _dtype_floor(cls, st: QuasiNewtonState) -> float:
         """:func:`bilevel.outer.accuracy_floor` of the working dtype."""
-        dtype = st.x.dtype if st.x is not None else next(iter(st.theta.values())).dtype
-        return accuracy_floor(dtype)
+        return accuracy_floor(cls._working_dtype(st))
 
     def _gtol(self, st: QuasiNewtonState) -> float:
-        """``gtol``, raised to :meth:`_dtype_floor`: a relative gradient below the relative
-        accuracy of its own evaluation cannot be told from noise (in float32 the loop would spin
-        to ``max_iter`` at the optimum)."""
-        return max(self.gtol, self._dtype_floor(st)) if self.gtol > 0 else 0.0
+        """``gtol``, raised to the automatic floor (the user's ``tol_min`` aside, at least the
+        dtype's): a relative gradient below the relative accuracy of its own evaluation cannot
+        be told from noise (in float32 the loop would spin to ``max_iter`` at the optimum)."""
+        floor = self._auto_floor(st) if self.tol_min is None else self._dtype_floor(st)
+        return max(self.gtol, floor) if self.gtol > 0 else 0.0
+
+    def _raise_floor(self, st: QuasiNewtonState, sol, reason: Optional[str]) -> bool:
+        """:meth:`~bilevel.outer.OuterLoop._roundoff_floor` with this loop's floor and scale;
+        ``ε`` follows a raised floor."""
+        if not self._roundoff_floor(st, sol, reason, self._floor(st), st.inner_ref):
+            return False
+        st.eps = max(st.eps, st.raised_floor)
+        return True
 
     def _confirm_eps(self, st: QuasiNewtonState) -> float:
         return max(self._floor(st), 1e-2 * self.gtol)
@@ -289,6 +316,13 @@ class QuasiNewton(OuterLoop):
         st.last_theta = trial
         eps = st.eps
         sol, reason = self._solve(st, trial, batch, eps * st.inner_ref, st.x)
+        if self._raise_floor(st, sol, reason):  # round-off: the same trial at the raised floor
+            return dict(upper_loss=math.nan, loss_correction=math.nan, tol=eps,
+                        inner_tol=eps * st.inner_ref, step_size=st.alpha,
+                        inner_iterations=sol.max_iterations, inner_converged=False,
+                        theta=theta_floats(trial), direction=kind, memory=len(st.s_mem),
+                        skipped_pairs=st.skipped, confirmed=False, grad_norm=st.gnorm,
+                        cg_iterations=0, cg_converged=None, accepted=False, reason=reason)
         f_trial, unc, hg = math.nan, math.nan, None
         if reason is None:
             f_trial = self._upper_loss(sol.x, trial, batch)
@@ -449,6 +483,8 @@ class QuasiNewton(OuterLoop):
             st.message = f"the inner problem fails at the accepted θ = {theta_floats(st.theta)}: {reason}"
             return dict(base, upper_loss=math.nan, grad_norm=math.nan, inner_iterations=0,
                         cg_iterations=0, accepted=False, inner_converged=False, cg_converged=False)
+        if self._raise_floor(st, sol, reason):  # round-off: met at the raised floor
+            reason = None
         if reason is not None:
             self._warn_once(st, "inner", reason + "; flagged in History as inner_converged=False")
         st.x = sol.x
@@ -507,6 +543,9 @@ class QuasiNewton(OuterLoop):
         st.message = (f"converged: projected hypergradient norm {st.gnorm:.3e} ≤ gtol·‖G(g₀)‖, "
                       f"confirmed at relative accuracy {confirm:.1e}; the quasi-Newton model "
                       f"expects a further decrease of {model:.2e} ≤ ftol·(ℓ₀ − ℓ) = {allowed:.2e}")
+        if st.raised_floor is not None and self.tol_min is None:
+            st.message += (f"; accuracy floor raised to {st.raised_floor:.1e}, where the inner "
+                           f"solve stalls at round-off in {self._working_dtype(st)}")
 
     def _model_decrease(self, st: QuasiNewtonState, flat: _Flat) -> float:
         """``−½⟨g, Δθ⟩`` for the full quasi-Newton step ``Δθ = Π(θ + d) − θ``: the decrease the

@@ -8,7 +8,8 @@ The cases: a bound that is active at the optimum (MAID's line search once never 
 with success, and in float32 certified a point 16 % above the optimum); bounds in float32 with a
 small upper loss (the projected gradient was formed in θ's dtype and read 0 at the start); and
 QuasiNewton in float32 (its ``gtol`` sat below the gradient's own accuracy, so it spun to
-``max_iter`` at the optimum).
+``max_iter`` at the optimum), and QuasiNewton where the inner solve stalls at round-off above the
+floor (it rejected every step and ended with "cannot recover").
 """
 from __future__ import annotations
 
@@ -140,3 +141,68 @@ def test_loops_hand_theta_back_in_the_callers_order(loop):
     res = loop(ShiftShrink(), Fit(), max_iter=3).run(theta0, batch)
     assert list(res.theta) == ["v", "a"]
     assert list(res.history[-1]["theta"]) == ["v", "a"]
+
+
+class RoundOffShiftShrink(ShiftShrink):
+    """:class:`ShiftShrink` whose gradient carries a fresh error of size ``delta`` per entry on
+    every evaluation (seeded): a stand-in for the round-off of a large float32 sum, below which
+    no inner solver can go."""
+
+    def __init__(self, delta: float):
+        super().__init__()
+        self.delta, self.gen = delta, torch.Generator().manual_seed(0)
+
+    def grad(self, x, theta, batch):
+        noise = torch.randn(x.shape, generator=self.gen, dtype=torch.float64).to(x.dtype)
+        return super().grad(x, theta, batch) + self.delta * noise
+
+
+def test_quasi_newton_raises_its_floor_where_the_inner_solve_stalls_at_round_off():
+    batch = _data(torch.float32)
+    _, f_star = _optimum(batch)
+    with pytest.warns(RuntimeWarning, match="stalls in torch.float32"):
+        res = QuasiNewton(RoundOffShiftShrink(3e-5), Fit()).run(_start(torch.float32), batch)
+    assert res.success, res.message  # without the raised floor: "cannot recover" after 68 it
+    assert "accuracy floor raised" in res.message
+    assert (_loss(res.theta, batch) - f_star) / f_star < 1e-5
+    tol = min(r["tol"] for r in res.history if r.get("accepted"))
+    assert 1e-5 < tol <= 200 * 1e-5  # raised above the dtype's floor, by a bounded factor
+
+
+class _Stalled:
+    """A solve result stopped at its cap with ``max_b‖∇Φ_b‖ = value``."""
+
+    def __init__(self, value):
+        self.grad_norm = torch.tensor([0.5 * value, value])
+        self.x = torch.zeros(2, 5)  # float32
+
+
+def test_raise_floor_only_for_round_off_and_never_over_a_users_tol_min():
+    from bilevel.outer import INNER_CAP
+    from bilevel.quasi_newton import QuasiNewtonState
+
+    theta = _start(torch.float32)
+    cap = INNER_CAP + " before tolerance 1e-05"
+    loop = QuasiNewton(ShiftShrink(), Fit())
+    st = QuasiNewtonState(theta=theta, inner_ref=2.0, eps=1e-5)
+    with pytest.warns(RuntimeWarning, match="raised to 6.0e-05"):
+        assert loop._raise_floor(st, _Stalled(2.0 * 3e-5), cap)  # 3·floor: round-off
+    assert st.raised_floor == pytest.approx(6e-5) and st.eps == pytest.approx(6e-5)
+    assert loop._floor(st) == pytest.approx(6e-5) and loop._gtol(st) == pytest.approx(6e-5)
+    assert not loop._raise_floor(st, _Stalled(2.0 * 2e-5), cap)  # below the raised floor
+    st = QuasiNewtonState(theta=theta, inner_ref=2.0, eps=1e-5)
+    assert not loop._raise_floor(st, _Stalled(2.0 * 200e-5), cap)  # 200·floor: not round-off
+    assert not loop._raise_floor(st, _Stalled(2.0 * 3e-5), "inner solve failed: curvature")
+    assert st.raised_floor is None
+    user = QuasiNewton(ShiftShrink(), Fit(), tol_min=1e-5)
+    st = QuasiNewtonState(theta=theta, inner_ref=2.0, eps=1e-5)
+    assert not user._raise_floor(st, _Stalled(2.0 * 3e-5), cap)
+    assert user._floor(st) == 1e-5
+
+
+def test_hoag_raises_its_floor_where_the_inner_solve_stalls_at_round_off():
+    batch = _data(torch.float32)
+    with pytest.warns(RuntimeWarning, match="stalls in torch.float32"):
+        res = HOAG(RoundOffShiftShrink(3e-5), Fit(), max_iter=60).run(_start(torch.float32), batch)
+    assert "cannot recover" not in res.message, res.message
+    assert min(r["tol"] for r in res.history[1:]) > 1e-5
