@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from .history import tolerance_schedule
-from .outer import UNCONFIRMED, LoopState, OuterLoop, accuracy_floor, implicit_estimator
+from .outer import UNCONFIRMED, LoopState, OuterLoop, implicit_estimator
 from .problem import (Bounds, HypergradientEstimator, InnerProblem, OuterLoss, Theta,
                       check_tolerance, gradient_mapping_norm, project, theta_axpy,
                       theta_distance, theta_dot, theta_floats, theta_norm, theta_sub)
@@ -176,9 +176,7 @@ class HOAG(OuterLoop):
     def _eps_floor(self, st: HOAGState, dtype: torch.dtype) -> float:
         """``tol_min``, or its dtype default (``1e-10`` in float64, ``1e-5`` otherwise), raised
         where the inner solve stalls at round-off above it (``st.raised_floor``)."""
-        if self.tol_min is not None:
-            return self.tol_min
-        return max(accuracy_floor(dtype), st.raised_floor or 0.0)
+        return self.tol_min if self.tol_min is not None else self._automatic_floor(st, dtype)
 
     def _eps(self, st: HOAGState, dtype: torch.dtype) -> float:
         floor = self._eps_floor(st, dtype)

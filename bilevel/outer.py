@@ -326,6 +326,12 @@ class OuterLoop:
                          f"(max ‖∇Φ‖ = {float(sol.grad_norm.max()):.2e})")
         return sol, None
 
+    @staticmethod
+    def _automatic_floor(st: LoopState, dtype: torch.dtype) -> float:
+        """The floor used when no ``tol_min`` is given: :func:`accuracy_floor` of ``dtype``,
+        or ``st.raised_floor`` where the inner solve stalled at round-off above it."""
+        return max(accuracy_floor(dtype), st.raised_floor or 0.0)
+
     def _roundoff_floor(self, st: LoopState, sol: Optional[SolveResult], reason: Optional[str],
                         floor: float, ref: float) -> bool:
         """Raise the automatic accuracy floor where the inner solve stalls at round-off.

@@ -264,7 +264,7 @@ class QuasiNewton(OuterLoop):
         return self._auto_floor(st) if self.tol_min is None else self.tol_min
 
     def _auto_floor(self, st: QuasiNewtonState) -> float:
-        return max(self._dtype_floor(st), st.raised_floor or 0.0)
+        return self._automatic_floor(st, self._working_dtype(st))
 
     @staticmethod
     def _working_dtype(st: QuasiNewtonState) -> torch.dtype:
