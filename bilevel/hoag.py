@@ -208,12 +208,7 @@ class HOAG(OuterLoop):
         trial = project(theta_axpy(-alpha, st.grad, st.theta), self.bounds)
         st.last_theta = trial
         sol, reason = self._solve(st, trial, batch, eps * st.inner_ref, st.x)
-        if self._raise_floor(st, sol, reason, dtype):  # round-off: the same step, raised floor
-            return dict(upper_loss=math.nan, loss_correction=math.nan, tol=eps,
-                        inner_tol=eps * st.inner_ref, step_size=alpha,
-                        inner_iterations=sol.max_iterations, inner_converged=False,
-                        theta=theta_floats(trial), grad_norm=st.gnorm, cg_iterations=0,
-                        cg_converged=None, accepted=False, reason=reason)
+        retry = self._raise_floor(st, sol, reason, dtype)  # round-off: same step, raised floor
         f_trial = unc = math.nan
         hg = None
         if reason is None:
@@ -238,6 +233,9 @@ class HOAG(OuterLoop):
             again = self._evaluate(st, batch, self._eps(st, dtype))
             rec["inner_iterations"] += again["inner_iterations"]
             rec["cg_iterations"] = again["cg_iterations"]
+        elif retry:  # α kept; the next iteration solves at the raised floor
+            return dict(base, grad_norm=st.gnorm, cg_iterations=0, cg_converged=None,
+                        accepted=False, reason=reason)
         else:  # a real step failure: shorter step
             st.step, st.rejected_last, st.last_failure = alpha * self.shrink, True, reason
             rec = dict(base, grad_norm=st.gnorm, cg_iterations=0, cg_converged=None,

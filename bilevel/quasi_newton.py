@@ -316,13 +316,7 @@ class QuasiNewton(OuterLoop):
         st.last_theta = trial
         eps = st.eps
         sol, reason = self._solve(st, trial, batch, eps * st.inner_ref, st.x)
-        if self._raise_floor(st, sol, reason):  # round-off: the same trial at the raised floor
-            return dict(upper_loss=math.nan, loss_correction=math.nan, tol=eps,
-                        inner_tol=eps * st.inner_ref, step_size=st.alpha,
-                        inner_iterations=sol.max_iterations, inner_converged=False,
-                        theta=theta_floats(trial), direction=kind, memory=len(st.s_mem),
-                        skipped_pairs=st.skipped, confirmed=False, grad_norm=st.gnorm,
-                        cg_iterations=0, cg_converged=None, accepted=False, reason=reason)
+        retry = self._raise_floor(st, sol, reason)  # round-off: the same trial, raised floor
         f_trial, unc, hg = math.nan, math.nan, None
         if reason is None:
             f_trial = self._upper_loss(sol.x, trial, batch)
@@ -344,7 +338,9 @@ class QuasiNewton(OuterLoop):
             return rec
         rec.update(grad_norm=st.gnorm, cg_iterations=0 if hg is None else hg.cg_iterations,
                    cg_converged=None, accepted=False, reason=reason)
-        if reason == "loss not resolved":  # tighter accuracy, then re-evaluate θ_k
+        if retry:
+            pass  # α and the direction are kept; the next iteration solves at the raised floor
+        elif reason == "loss not resolved":  # tighter accuracy, then re-evaluate θ_k
             st.grad, st.direction = None, None
         else:
             self._reject(st, flat, reason, trial_v - theta_v, f_trial)
