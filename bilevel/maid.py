@@ -51,7 +51,9 @@ the term of ``ω`` that dominates; the loss bound is the dual-weighted residual 
 
 Scale-free accuracies: ``ε₀ = eps_rel·R`` with ``R = max_b‖∇ₓΦ_b(x⁰)‖`` at the initial point,
 ``δ₀ = delta_rel·max_b‖(∇ₓℓ)_b‖`` at the first inner solution, and the floor
-``ε_min = eps_min·R``; every test compares quantities of the same units (``ω`` with ``‖G‖``,
+``ε_min = eps_min·R`` (automatic: ``eps_min = 1e-12`` in float64 and ``1e-5`` in float32, raised
+to twice the accuracy reached where the inner solve stalls at round-off above it, so that no
+tightening asks for an accuracy the dtype cannot give); every test compares quantities of the same units (``ω`` with ``‖G‖``,
 ``a`` with ``β‖G‖²``), so multiplying Φ or ℓ by a constant leaves the iterates unchanged.
 
 Stopping: ``success=True`` when ``‖G(z_k)‖ + ω_k ≤ gtol·‖G(z₀)‖`` (a certified
@@ -74,7 +76,7 @@ from . import distributed as dist_
 from .adaptive import AdaptiveInexact, NotStronglyConvexError, resolve_strong_convexity
 from .hypergrad import outer_gradients
 from .linalg import NonPositiveCurvatureError, batch_norm
-from .outer import LoopState, OuterLoop
+from .outer import LoopState, OuterLoop, accuracy_floor
 from .problem import (Bounds, Hypergradient, InnerProblem, OuterLoss, Theta, check_tolerance,
                       gradient_mapping_norm, project, theta_axpy, theta_distance, theta_floats)
 from .solvers import METHODS, SolveResult
@@ -82,6 +84,9 @@ from .solvers import METHODS, SolveResult
 __all__ = ["MAID", "MAIDState"]
 
 _EPS = 2.220446049250313e-16
+#: the automatic accuracy floor relative to ``R`` in float64 (MAID certifies with a-posteriori
+#: bounds, so it may ask for more than the other loops' ``accuracy_floor``)
+FLOAT64_FLOOR = 1e-12
 
 
 def _default_max_iter(method: str) -> Optional[int]:
@@ -123,6 +128,7 @@ class MAIDState(LoopState):
     eps: float = math.nan
     delta: Optional[float] = None
     eps_floor: float = 0.0
+    ref: float = 0.0
     beta: Optional[float] = None
     g0: Optional[float] = None
     sol_eps: float = math.inf
@@ -156,7 +162,11 @@ class MAID(OuterLoop):
         ``inner.strong_convexity_constant`` and raises ``ValueError`` if that is ``None``.
     eps_rel, delta_rel: the first accuracies relative to ``R`` and ``max_b‖(∇ₓℓ)_b‖``.
     eps0, delta0: absolute first accuracies instead (``None``: relative rule).
-    eps_min: the accuracy floor relative to ``R``.
+    eps_min: the accuracy floor relative to ``R`` (``None``: ``1e-12`` in float64,
+        :func:`~bilevel.outer.accuracy_floor` of the dtype otherwise, ``1e-5`` in float32; this
+        automatic floor is raised where the inner solve stalls at round-off above it, see
+        :meth:`~bilevel.outer.OuterLoop._roundoff_floor`; an ``eps_min`` you pass is never
+        changed).
     step_size: initial step ``β₀``; ``None`` uses ``1/‖z₀‖`` (a first move of length 1).
     eta: descent margin ``η ∈ (0, 1)``: ``z`` is accepted when ``ω ≤ (1 − η)‖G(z)‖``.
     c1: sufficient-decrease constant (default ``η/4``; convergence theory needs ``c₁ < η``).
@@ -198,7 +208,7 @@ class MAID(OuterLoop):
     def __init__(self, inner: InnerProblem, outer: OuterLoss,
                  estimator: Optional[AdaptiveInexact] = None, mu=None,
                  eps0: Optional[float] = None, delta0: Optional[float] = None,
-                 eps_rel: float = 1e-1, delta_rel: float = 1e-1, eps_min: float = 1e-12,
+                 eps_rel: float = 1e-1, delta_rel: float = 1e-1, eps_min: Optional[float] = None,
                  step_size: Optional[float] = None, eta: float = 0.3, c1: Optional[float] = None,
                  rho: float = 0.5, tau: float = 0.5, nu: float = 1.05, grow: float = 10 / 9,
                  max_backtracks: int = 8, max_tighten: int = 30, max_iter: int = 100,
@@ -225,7 +235,7 @@ class MAID(OuterLoop):
         self.delta0 = None if delta0 is None else check_tolerance("delta0", delta0)
         self.eps_rel = _unit_interval("eps_rel", eps_rel)
         self.delta_rel = _unit_interval("delta_rel", delta_rel)
-        self.eps_min = check_tolerance("eps_min", eps_min)
+        self.eps_min = None if eps_min is None else check_tolerance("eps_min", eps_min)
         self.step_size = None if step_size is None else check_tolerance("step_size", step_size)
         self.eta = _unit_interval("eta", eta)
         self.c1 = self.eta / 4 if c1 is None else check_tolerance("c1", c1)
@@ -255,9 +265,29 @@ class MAID(OuterLoop):
         if not (math.isfinite(ref) and ref > 0):
             ref = dist_.all_reduce(float(batch_norm(x).max()), "max") or 1.0
         eps = self.eps0 if self.eps0 is not None else self.eps_rel * ref
-        floor = self.eps_min * ref
-        return MAIDState(theta=theta, x=x, eps=max(eps, floor), eps_floor=floor,
+        floor = self._floor_rel(x.dtype) * ref
+        return MAIDState(theta=theta, x=x, eps=max(eps, floor), eps_floor=floor, ref=ref,
                          delta=self.delta0, beta=self.step_size)
+
+    def _floor_rel(self, dtype: torch.dtype) -> float:
+        """The accuracy floor relative to ``R``: ``eps_min``, or ``1e-12`` in float64 and
+        :func:`~bilevel.outer.accuracy_floor` of ``dtype`` otherwise."""
+        if self.eps_min is not None:
+            return self.eps_min
+        return FLOAT64_FLOOR if dtype == torch.float64 else accuracy_floor(dtype)
+
+    def _raise_floor(self, st: MAIDState, sol: SolveResult, reason: Optional[str]) -> bool:
+        """Where the inner solve stalls at round-off above the automatic floor, raise
+        ``eps_floor`` to ``2·max_b‖∇ₓΦ_b‖`` (:meth:`~bilevel.outer.OuterLoop._roundoff_floor`)
+        and ``eps`` to at least it, so that no more solves ask for an accuracy the dtype
+        cannot give. Never with a user's ``eps_min``."""
+        if self.eps_min is not None or not st.ref > 0:
+            return False
+        if not self._roundoff_floor(st, sol, reason, st.eps_floor / st.ref, st.ref):
+            return False
+        st.eps_floor = st.raised_floor * st.ref
+        st.eps = max(st.eps, st.eps_floor)
+        return True
 
     # ----- budget-aware pieces ----------------------------------------------------------------
     def _budget_left(self, st: MAIDState) -> bool:
@@ -280,7 +310,9 @@ class MAID(OuterLoop):
                 return None
             raise ValueError(f"MAID: {reason} at the accepted θ = {theta_floats(theta)}")
         st.inner_it += st.cost - cost0
-        if reason is not None:
+        if reason is not None and self._raise_floor(st, sol, reason):
+            st.inner_ok = False
+        elif reason is not None:
             st.inner_ok = False
             self._warn_once(st, "inner", f"{reason}; the bounds use the residual reached; flagged "
                                          f"in History as inner_converged=False")
@@ -406,6 +438,9 @@ class MAID(OuterLoop):
                    else "no certified decrease at the accuracy floor")
         st.message = (f"{verdict} (eps = {st.eps:.2e}, delta = {st.delta:.2e}): {why}; "
                       f"‖G(∇ℓ)‖ ≤ {cert:.3e}, floor_gtol·‖G(z₀)‖ = {self.floor_gtol * st.g0:.3e}")
+        if st.raised_floor is not None and self.eps_min is None:
+            st.message += (f"; accuracy floor raised to {st.raised_floor:.1e} of R, where the "
+                           f"inner solve stalls at round-off in {st.x.dtype}")
 
     def _line_search(self, st: MAIDState, batch: Any, hg: Hypergradient, pnorm: float,
                      record: Dict[str, Any]) -> None:

@@ -206,3 +206,32 @@ def test_hoag_raises_its_floor_where_the_inner_solve_stalls_at_round_off():
         res = HOAG(RoundOffShiftShrink(3e-5), Fit(), max_iter=60).run(_start(torch.float32), batch)
     assert "cannot recover" not in res.message, res.message
     assert min(r["tol"] for r in res.history[1:]) > 1e-5
+
+
+def test_maid_floor_follows_the_dtype_and_a_users_eps_min_is_kept():
+    loop = MAID(ShiftShrink(), Fit())
+    assert loop._floor_rel(torch.float64) == 1e-12 and loop._floor_rel(torch.float32) == 1e-5
+    assert MAID(ShiftShrink(), Fit(), eps_min=1e-9)._floor_rel(torch.float32) == 1e-9
+    batch = _data(torch.float32)
+    res = loop.run(_start(torch.float32), batch)  # float32 without extra noise: 1e-5 is reachable
+    ref = float(torch.linalg.vector_norm(ShiftShrink().grad(torch.zeros_like(batch["y"]),
+                                                            _start(torch.float32), batch), dim=-1).max())
+    assert min(r["eps"] for r in res.history) >= 1e-5 * ref * (1 - 1e-6)
+    assert res.success, res.message  # with a 1e-12 floor it also succeeded, at 2.2x the cost
+
+
+def test_maid_raises_its_floor_where_the_inner_solve_stalls_at_round_off():
+    batch = _data(torch.float32)
+    _, f_star = _optimum(batch)
+    with pytest.warns(RuntimeWarning, match="stalls in torch.float32"):
+        res = MAID(RoundOffShiftShrink(3e-5), Fit()).run(_start(torch.float32), batch)
+    # it cannot certify a decrease below the round-off: an honest failure that says why, reached
+    # without asking the solver for accuracies it cannot give (a 1e-12 floor: cost 2196)
+    assert "accuracy floor raised" in res.message
+    assert res.history[-1]["cost"] < 1000
+    assert (_loss(res.theta, batch) - f_star) / f_star < 3e-3
+    if not res.success:
+        assert "no certified decrease" in res.message
+    with pytest.warns(RuntimeWarning) as caught:  # a user's eps_min is never raised
+        MAID(RoundOffShiftShrink(3e-5), Fit(), eps_min=1e-6, max_iter=40).run(_start(torch.float32), batch)
+    assert not any("stalls in" in str(w.message) for w in caught)
