@@ -51,10 +51,10 @@ the term of ``ω`` that dominates; the loss bound is the dual-weighted residual 
 
 Scale-free accuracies: ``ε₀ = eps_rel·R`` with ``R = max_b‖∇ₓΦ_b(x⁰)‖`` at the initial point,
 ``δ₀ = delta_rel·max_b‖(∇ₓℓ)_b‖`` at the first inner solution, and the floor
-``ε_min = eps_min·R`` (automatic: ``eps_min = 1e-12`` in float64 and ``1e-5`` in float32, raised
-to twice the accuracy reached where the inner solve stalls at round-off above it, so that no
-tightening asks for an accuracy the dtype cannot give); every test compares quantities of the same units (``ω`` with ``‖G‖``,
-``a`` with ``β‖G‖²``), so multiplying Φ or ℓ by a constant leaves the iterates unchanged.
+``ε_min = eps_min·R`` (automatic: ``eps_min = 1e-12`` in float64 and ``1e-5`` in float32,
+raised to twice the accuracy reached where the inner solve stalls at round-off above it, so
+that no tightening asks for an accuracy the dtype cannot give); every test compares quantities
+of the same units (``ω`` with ``‖G‖``, ``a`` with ``β‖G‖²``), so multiplying Φ or ℓ by a constant leaves the iterates unchanged.
 
 Stopping: ``success=True`` when ``‖G(z_k)‖ + ω_k ≤ gtol·‖G(z₀)‖`` (a certified
 ``‖G(∇ℓ(θ_k))‖ ≤ gtol·‖G(z₀)‖``), or when the accuracy floor is reached (the bound cannot be
@@ -310,10 +310,9 @@ class MAID(OuterLoop):
                 return None
             raise ValueError(f"MAID: {reason} at the accepted θ = {theta_floats(theta)}")
         st.inner_it += st.cost - cost0
-        if reason is not None and self._raise_floor(st, sol, reason):
+        if reason is not None:
             st.inner_ok = False
-        elif reason is not None:
-            st.inner_ok = False
+        if reason is not None and not self._raise_floor(st, sol, reason):
             self._warn_once(st, "inner", f"{reason}; the bounds use the residual reached; flagged "
                                          f"in History as inner_converged=False")
         return sol
