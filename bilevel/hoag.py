@@ -188,7 +188,10 @@ class HOAG(OuterLoop):
         return max(self._eps_floor(st, dtype), 1e-2 * self.gtol)
 
     def _raise_floor(self, st: HOAGState, sol, reason: Optional[str], dtype) -> bool:
-        """:meth:`~bilevel.outer.OuterLoop._roundoff_floor` with this loop's floor and scale."""
+        """:meth:`~bilevel.outer.OuterLoop._roundoff_floor` with this loop's floor and scale
+        (never with a user's ``tol_min``)."""
+        if self.tol_min is not None:
+            return False
         return self._roundoff_floor(st, sol, reason, self._eps_floor(st, dtype), st.inner_ref)
 
     def _start(self, theta: Theta, batch: Any, x0: Optional[Tensor]) -> HOAGState:

@@ -339,8 +339,9 @@ class OuterLoop:
         When the solve stopped at its iteration cap (``reason`` starts with :data:`INNER_CAP`)
         with relative accuracy ``a = max_b‖∇ₓΦ_b‖/ref ≤ 100·accuracy_floor(dtype)`` and
         ``2a > floor`` (the floor in force), ``st.raised_floor = 2a``, a warning says so once,
-        and ``True`` is returned. Never when the loop was given a ``tol_min``."""
-        if getattr(self, "tol_min", None) is not None or sol is None:
+        and ``True`` is returned. For the automatic floor only: a loop whose user gave a floor
+        (``tol_min``, MAID's ``eps_min``) does not call it."""
+        if sol is None:
             return False
         if not (reason or "").startswith(INNER_CAP):
             return False

@@ -284,7 +284,9 @@ class QuasiNewton(OuterLoop):
 
     def _raise_floor(self, st: QuasiNewtonState, sol, reason: Optional[str]) -> bool:
         """:meth:`~bilevel.outer.OuterLoop._roundoff_floor` with this loop's floor and scale;
-        ``ε`` follows a raised floor."""
+        ``ε`` follows a raised floor (never with a user's ``tol_min``)."""
+        if self.tol_min is not None:
+            return False
         if not self._roundoff_floor(st, sol, reason, self._floor(st), st.inner_ref):
             return False
         st.eps = max(st.eps, st.raised_floor)
