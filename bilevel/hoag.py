@@ -2,8 +2,8 @@
 scale-free accuracy rule and a sufficient-decrease step rule.
 
 Scale-free accuracies (relative, as in the original HOAG's ``ε_k‖∇Φ(x⁰)‖``): at iteration ``k``
-with the relative accuracy ``ε_k = max(s·schedule(k), tol_min)`` (``s`` halves after every
-rejected step),
+with the relative accuracy ``ε_k = max(s·schedule(k), tol_min)`` (``k`` counts every trial,
+accepted or not; ``s`` shrinks when a decrease test cannot be resolved),
 
 * the inner problem is solved to ``max_b ‖∇ₓΦ_b‖ ≤ ε_k · R``, ``R = max_b ‖∇ₓΦ_b(x⁰; θ₀)‖`` at
   the problem's initial point;
@@ -23,8 +23,9 @@ projection onto the bounds); solve the inner problem there and accept when
 
 Accepted: compute ``g⁺``, then ``α ← grow·α`` (not right after a rejection). Rejected (the test
 failed, or the inner solve failed: non-convergence, non-positive curvature, non-finite values):
-``α ← shrink·α``; after a failed test also ``s ← s/2`` and ``ℓ_k``, ``g_k`` are recomputed at the
-tighter accuracy. On a quadratic, ``c₁ = ½`` accepts only ``α ≤ 1/h``: the iterates approach the
+``α ← shrink·α``. A test whose outcome lies within the size of the dual corrections
+("loss not resolved") tightens ``s`` instead and recomputes ``ℓ_k``, ``g_k`` at the tighter
+accuracy. On a quadratic, ``c₁ = ½`` accepts only ``α ≤ 1/h``: the iterates approach the
 optimum monotonically and stay there. The first step is ``α₀ = 1/‖g₀‖`` (a move of length 1)
 unless ``step_size`` is given.
 
@@ -32,9 +33,13 @@ Stopping (``success=True``, only after ``θ_k`` was re-evaluated at the confirma
 ``max(tol_min, 10⁻²·gtol)``): ``‖G(g_k)‖ ≤ gtol·‖G(g_0)‖`` (``G`` the projected-gradient
 mapping; ``= g`` without bounds), or the next proposed move is below
 ``xtol·(1 + ‖θ_k‖)`` after a failed decrease test and ``‖G(g_k)‖ ≤ floor_gtol·‖G(g_0)‖``
-(nothing measurable is left to gain). The run
+(nothing measurable is left to gain). When that search followed a ``g_k`` computed at a looser
+accuracy and ``‖G(g_k)‖`` at the confirmation accuracy is still above ``floor_gtol·‖G(g_0)‖``,
+the search starts again along the confirmed ``g_k`` (from the last accepted step length): an
+inexact direction may not be a descent direction at all. The run
 fails (``success=False``, with a warning) when the inner problem fails at every step down to that
-size, or is not finite at an accepted point.
+size, when no step along the confirmed ``g_k`` passes the test ("no decrease found"), or when the
+inner problem is not finite at an accepted point.
 
 Round-off (automatic floor only): when the inner solve stops at its iteration cap with relative
 accuracy ``a ≤ 100·ε_min`` (float32 sums over many pixels), the floor is raised to ``2a`` with a
@@ -78,6 +83,7 @@ class HOAGState(LoopState):
     inner_ref: float = 1.0
     rejected_last: bool = False
     last_failure: Optional[str] = None
+    good_step: Optional[float] = None
     q: Optional[Tensor] = None
     closs: float = math.nan
     unc: float = 0.0
@@ -228,7 +234,7 @@ class HOAG(OuterLoop):
             st.grad_eps, st.grad_ok = eps, sol.all_converged and hg.cg_converged
             rec = self._accepted_record(st, hg, eps, 0, True)
             st.step = alpha if st.rejected_last else alpha * self.grow
-            st.rejected_last, st.last_failure = False, None
+            st.good_step, st.rejected_last, st.last_failure = alpha, False, None
             rec.update(base, upper_loss=rec["upper_loss"], accepted=True, reason=None)
         elif reason == "loss not resolved":  # tighter accuracy, same step: re-evaluate θ_k
             rec = dict(base, grad_norm=st.gnorm, cg_iterations=0, cg_converged=None,
@@ -363,12 +369,24 @@ class HOAG(OuterLoop):
         if st.last_failure != "insufficient decrease":
             st.message = (f"cannot recover: every step down to length {move:.2e} was rejected; "
                           f"last reason: {st.last_failure}")
-        elif self._confirmed(st, batch) and st.message is None:
+        else:
+            self._search_exhausted(st, batch, move)
+
+    def _search_exhausted(self, st: HOAGState, batch: Any, move: float) -> None:
+        """Every step down to ``move`` failed the decrease test: confirm ``g_k``; a stop if
+        nothing measurable is left, a new search along the confirmed ``g_k`` if the failed one
+        followed a looser gradient, a failure otherwise."""
+        dtype = st.x.dtype if st.x is not None else next(iter(st.theta.values())).dtype
+        loose = st.grad_eps > self._confirm_eps(st, dtype) * (1 + 1e-12)
+        if self._confirmed(st, batch) and st.message is None:
             if st.gnorm <= self.floor_gtol * st.g0:
                 st.success = True
                 st.message = (f"converged: no measurable decrease left (next move {move:.2e} ≤ "
                               f"xtol·(1 + ‖θ‖)); projected hypergradient norm {st.gnorm:.3e} ≤ "
                               f"floor_gtol·‖G(g₀)‖, confirmed at relative accuracy {st.grad_eps:.1e}")
+            elif loose:  # the direction was inexact: search again along the confirmed one
+                st.step = st.good_step or 1.0 / theta_norm(st.grad)
+                st.rejected_last, st.last_failure = False, None
             else:
                 st.message = (f"no decrease found: every step down to length {move:.2e} failed the "
                               f"decrease test at relative accuracy {st.grad_eps:.1e}, projected "

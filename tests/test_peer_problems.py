@@ -190,3 +190,22 @@ def test_a_non_finite_warm_start_is_not_used():
         hg = est(inner, outer, th0, batch, sol.x, 1e-10)
         assert math.isfinite(hg.norm())
         assert torch.allclose(hg.theta_grad["log_lam"], ref.theta_grad["log_lam"], rtol=1e-8)
+
+
+def test_hoag_searches_again_along_a_confirmed_gradient():
+    """Ridge in units × 1000 from θ₀ = 0: the search along a loose hypergradient fails at every
+    step length. HOAG must re-evaluate it at the confirmation accuracy and search along that one
+    (which finds decrease), not end with "no decrease found"."""
+    from bilevel import HOAG
+    inner, outer, th0, batch, bounds, info = pp.per_feature_ridge(20, convention="mean",
+                                                                 scale=1e3)
+    res = HOAG(inner, outer, bounds=bounds, max_iter=60).run(th0, batch)
+    assert not res.message.startswith("no decrease found"), res.message
+    records = res.history.records
+    tight = [i for i, r in enumerate(records) if r["tol"] <= 1e-8]
+    assert tight, "the exhausted search never led to a confirmed gradient"
+    first = tight[0]
+    before = min(r["upper_loss"] for r in records[:first + 1] if r.get("accepted"))
+    after = [r["upper_loss"] for r in records[first + 1:] if r.get("accepted")]
+    assert after and min(after) < before  # the confirmed direction decreased the loss
+    assert not res.success
