@@ -12,17 +12,18 @@ Pretrains (or loads ``OUT/task_net.pt``) a compact U-Net ``T*`` on clean images 
 of scikit-learn digits with per-pixel labels (background + 10 digits) as the stand-in, or
 Cityscapes resized to 64×128 with its 19 classes (255 ignored) — then for every noise level σ
 prints mean Dice and mean IoU on held-out images for: T* on clean, T* on noisy, TV with
-MSE-learned θ, TV with task-learned θ (HOAG with the loss CE + soft Dice, relative tolerance
-1e-3 and 1e-5), and task-learned θ with the U-Net's last two up-sampling blocks and output
-convolution fine-tuned by Adam in the same loop (``--experts``: two more rows, a learned field
-of experts with 81 hyperparameters learned for the MSE and for the task; ``--adaptive``: two
-more, TV with pixel weights predicted from the noisy image by a small CNN, 410 hyperparameters
-for gray images, learned the same two ways in minibatches over ``--adaptive-images`` (1000)
-training images). Every outer loop runs
-to its own stop or to ``--iters`` (a row whose loop did not report success is marked ``*`` with
-the reason); over ``--seeds`` draws of data and noise the paired differences task − MSE and the
-fraction of the clean-minus-noisy Dice gap recovered get 95 % t-intervals. With ``--root``, one more row: θ learned over the whole training set
-in minibatches (``recon.tasks.minibatch``). Writes ``table.json`` and one PNG per σ.
+MSE-learned θ, TV with task-learned θ (QuasiNewton, the reference's HOAG-type route, with the
+loss CE + soft Dice, relative tolerance 1e-3 and 1e-5), and task-learned θ with the U-Net's last
+two up-sampling blocks and output convolution fine-tuned by Adam in the same loop
+(``--experts``: two more rows, a learned field of experts with 81 hyperparameters learned for
+the MSE and for the task; ``--adaptive``: two more, TV with pixel weights predicted from the
+noisy image by a small CNN, 410 hyperparameters for gray images, learned the same two ways in
+minibatches over ``--adaptive-images`` (1000) training images). Every outer loop runs to its own
+stop or to ``--iters`` (a row whose loop did not report success is marked ``*`` with the
+reason); over ``--seeds`` draws of data and noise the paired differences task − MSE and the
+fraction of the clean-minus-noisy Dice gap recovered get 95 % t-intervals. With ``--root``, one
+more row: θ learned over the whole training set in minibatches (``recon.tasks.minibatch``).
+Writes ``table.json`` and one PNG per σ.
 """
 import sys
 from pathlib import Path

@@ -1,6 +1,7 @@
 """Task-adapted θ over a whole real training set, in minibatches (the examples' ``--root`` route).
 
-:func:`recon.tasks.example.run_example` learns θ on ``--n-train`` images in one batch (HOAG).
+:func:`recon.tasks.example.run_example` learns θ on ``--n-train`` images in one batch
+(:class:`bilevel.QuasiNewton`).
 With a real data set on disk (Cityscapes' 2975 training images, Stanford Dogs' 12000),
 :func:`add_minibatch_route` adds, per noise level σ, the row
 ``TV, task-learned θ (minibatch, whole training set)``: θ learned by
