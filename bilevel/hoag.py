@@ -111,7 +111,7 @@ class HOAG(OuterLoop):
         claimed only after ``θ_k`` was re-evaluated at the relative accuracy
         ``max(tol_min, 10⁻²·gtol)``; floor_gtol: the looser test a stop on ``xtol`` ("no
         measurable decrease left") must pass there.
-    max_move: cap of one step, ``‖αg‖_∞ ≤ max_move·max(1, ‖θ‖_∞)``.
+    max_move: cap of one step, ``α|g_i| ≤ max_move·max(1, |θ_i|)`` for every coordinate.
     bounds: :class:`~bilevel.Bounds` on θ.
     inner_method, inner_max_iter: generic inner solver and its cap when the problem has no own.
     param_optimizer: a ``torch.optim`` optimiser over ``outer.trainable_parameters()`` (e.g.
@@ -253,11 +253,11 @@ class HOAG(OuterLoop):
         return rec
 
     def _capped(self, st: HOAGState) -> float:
-        """``α`` such that ``‖αg‖_∞ ≤ max_move·max(1, ‖θ‖_∞)`` (the step size is not changed)."""
-        gmax = max(float(v.detach().abs().max()) for v in st.grad.values())
-        tmax = max(float(v.detach().abs().max()) for v in st.theta.values())
-        cap = self.max_move * max(1.0, tmax)
-        return min(st.step, cap / gmax) if gmax > 0 else st.step
+        """``α`` such that ``α|g_i| ≤ max_move·max(1, |θ_i|)`` for every coordinate (the step
+        size is not changed)."""
+        ratio = max(float((st.grad[n].detach().abs() / st.theta[n].detach().abs().clamp_min(1.0))
+                          .max()) for n in st.grad)
+        return min(st.step, self.max_move / ratio) if ratio > 0 else st.step
 
     def _decrease_test(self, st: HOAGState, sol, trial: Theta, batch: Any, f_trial: float,
                        eps: float, dtype) -> tuple:

@@ -16,8 +16,11 @@ Wright §7.2). With ``g`` the hypergradient at the accepted ``θ_k``, the ε-act
 where ``H_F`` is the L-BFGS inverse Hessian built from the last ``memory`` pairs
 ``(s_j, y_j) = (θ_{j+1} − θ_j, g_{j+1} − g_j)`` restricted to the free coordinates and
 ``γ = sᵀy / yᵀy`` of the newest pair. Without pairs ``γ = 1/‖g‖_∞``: the first step moves θ by
-at most 1 in its own units. Every step is capped at
-``‖Δθ‖_∞ ≤ max_move·max(1, ‖θ‖_∞)``. A direction that is not a descent direction
+at most 1 in its own units. Every step is capped coordinate by coordinate,
+``|Δθ_i| ≤ max_move·max(1, |θ_i|)`` (the direction is scaled as a whole until every coordinate
+fits): one large coordinate does not license large moves of the small ones, which on problems
+with flat stretches (sample weights through a sigmoid, penalties through an exponential) would
+throw them onto plateaus they cannot leave. A direction that is not a descent direction
 (``⟨g, d⟩ ≥ 0``) is replaced by ``−γg`` and the memory is cleared.
 
 **Line search** on the projected path ``θ(α) = Π(θ_k + αd)``, ``α = 1, …``: the inner problem is
@@ -199,7 +202,7 @@ class QuasiNewton(OuterLoop):
     tol_min: accuracy floor ``ε_min`` (``None``: ``1e-10`` in float64, ``1e-5`` otherwise,
         raised where the inner solve stalls at round-off above it; module docstring).
     max_iter: outer iterations (every trial point is one, accepted or not).
-    max_move: cap of one step, ``‖Δθ‖_∞ ≤ max_move·max(1, ‖θ‖_∞)``.
+    max_move: cap of one step, ``|Δθ_i| ≤ max_move·max(1, |θ_i|)`` for every coordinate.
     c1: sufficient-decrease constant in (0, 1).
     gtol: relative stopping tolerance on ``‖G(g)‖`` (``0`` disables it; raised to the accuracy
         floor of the dtype, ``1e-5`` in float32, below which the gradient is noise); ftol: a
@@ -370,10 +373,10 @@ class QuasiNewton(OuterLoop):
                 st.s_mem, st.y_mem = [], []
             gamma = first / gmax if gmax > 0 else 1.0
             d, kind = -gamma * g, "gradient"
-        limit = self.max_move * max(1.0, float(th.abs().max()))
-        dmax = float(d.abs().max())
-        if cap and dmax > limit:
-            d = d * (limit / dmax)
+        # per coordinate: |Δθ_i| ≤ max_move·max(1, |θ_i|), the direction kept (scaled as a whole)
+        over = float((d.abs() / (self.max_move * th.abs().clamp_min(1.0))).max())
+        if cap and over > 1:
+            d = d / over
         return d, kind
 
     # ----- the step test ----------------------------------------------------------------------

@@ -195,3 +195,15 @@ def test_resume_checks_bounds_and_warns_on_another_batch(tmp_path):
     with pytest.warns(RuntimeWarning, match="batch differs"):
         HOAG(ShrinkageInner(), ScaledTargetOuter(), max_iter=5).run(theta0, _shrinkage_batch(seed=3),
                                                                     resume=saved)
+
+
+def test_the_step_cap_holds_for_every_coordinate():
+    """``α|g_i| ≤ max_move·max(1, |θ_i|)``: a coordinate at 100 does not let one at 0 move by
+    up to 200."""
+    from bilevel.hoag import HOAGState
+    loop = HOAG(ShrinkageInner(), ScaledTargetOuter(), max_move=2.0)
+    st = HOAGState(theta={"a": torch.tensor([100.0, 0.0]), "b": torch.tensor(0.5)},
+                   grad={"a": torch.tensor([1.0, -50.0]), "b": torch.tensor(0.1)}, step=10.0)
+    assert loop._capped(st) == pytest.approx(2.0 / 50.0)
+    st.step = 0.01  # below the cap: the step size itself
+    assert loop._capped(st) == 0.01

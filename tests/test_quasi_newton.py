@@ -167,6 +167,25 @@ def test_two_loop_recursion_inverts_a_quadratic():
     assert torch.allclose(H @ Y[-1], S[-1], atol=1e-12)  # the newest secant equation
 
 
+def test_every_coordinate_moves_at_most_max_move_of_its_own_size():
+    """|Δθ_i| ≤ max_move·max(1, |θ_i|) per coordinate: a coordinate at 100 does not let one at 0
+    move by 200; the direction keeps its orientation (scaled as a whole)."""
+    from bilevel.quasi_newton import QuasiNewtonState, _Flat
+    loop = QuasiNewton(RidgeInner(), RidgeOuter(), max_move=2.0)
+    theta = {"a": torch.tensor([100.0, 0.0], dtype=DT)}
+    st = QuasiNewtonState(theta=theta, grad={"a": torch.tensor([1.0, -50.0], dtype=DT)},
+                          gnorm=50.0)
+    st.s_mem = [torch.tensor([1.0, 0.0], dtype=DT)]  # γ = sᵀy/yᵀy = 10: d = −10 g before the cap
+    st.y_mem = [torch.tensor([0.1, 0.0], dtype=DT)]
+    flat = _Flat(theta, None)
+    d, kind = loop._direction(st, flat)
+    assert kind == "lbfgs" and float(d[1]) > 0
+    assert abs(float(d[1])) == pytest.approx(2.0)  # max_move·max(1, |0|), not 2·100
+    assert abs(float(d[0])) <= 2.0 * 100
+    raw, _ = loop._direction(st, flat, cap=False)
+    assert torch.allclose(d / d.norm(), raw / raw.norm())
+
+
 @pytest.mark.parametrize("kw,match", [({"tol0": 1.0}, "tol0"), ({"tol0": 0.0}, "tol0"),
                                       ({"memory": 0}, "memory"), ({"c1": 1.5}, "c1"),
                                       ({"gtol": 2.0}, "gtol"), ({"max_move": -1.0}, "max_move"),
