@@ -60,7 +60,10 @@ stays bounded, and the loop needs more iterations. After a trial that cost no in
 iteration (a stale evaluation) ``ε`` is multiplied by ``tol_rate`` as well. Early iterations
 are cheap; accuracy is bought where the step test needs it.
 
-**Stopping** (``success=True`` is a checked claim): when ``‖G(g_k)‖ ≤ gtol·‖G(g_0)‖``, θ_k is
+**Stopping** (``success=True`` is a checked claim; ``gtol`` is at least the accuracy floor of
+the working dtype, and ``1e-5`` when the upper loss is computed in float32, as by a float32 task
+network on float64 images, whose gradient is round-off below that): when
+``‖G(g_k)‖ ≤ gtol·‖G(g_0)‖``, θ_k is
 re-evaluated at the confirmation accuracy ``ε_c = max(ε_min, 10⁻²·gtol)`` (inner and CG
 converged, the sign at active bounds included) and the run succeeds only if the test still
 holds there and the decrease the quasi-Newton model still expects from a full step,
@@ -205,7 +208,9 @@ class QuasiNewton(OuterLoop):
     max_move: cap of one step, ``|Δθ_i| ≤ max_move·max(1, |θ_i|)`` for every coordinate.
     c1: sufficient-decrease constant in (0, 1).
     gtol: relative stopping tolerance on ``‖G(g)‖`` (``0`` disables it; raised to the accuracy
-        floor of the dtype, ``1e-5`` in float32, below which the gradient is noise); ftol: a
+        floor of the dtype, ``1e-5`` in float32, below which the gradient is noise, and to
+        ``1e-5`` when the upper loss is computed in float32, e.g. by a float32 task network on
+        float64 images); ftol: a
         stop also needs the decrease the quasi-Newton model still expects, ``−½⟨g, Δθ⟩``, to
         be at most ``ftol·(ℓ₀ − ℓ_k)`` (``0`` disables it); floor_gtol: the looser one
         accepted when no measurable decrease is left at the accuracy floor; xtol: the shortest
@@ -283,7 +288,13 @@ class QuasiNewton(OuterLoop):
         dtype's): a relative gradient below the relative accuracy of its own evaluation cannot
         be told from noise (in float32 the loop would spin to ``max_iter`` at the optimum)."""
         floor = self._auto_floor(st) if self.tol_min is None else self._dtype_floor(st)
-        return max(self.gtol, floor) if self.gtol > 0 else 0.0
+        return max(self.gtol, floor, self._loss_floor()) if self.gtol > 0 else 0.0
+
+    def _loss_floor(self) -> float:
+        """:func:`~bilevel.outer.accuracy_floor` of the precision the upper loss is computed in
+        (a float32 task network on float64 images: ``1e-5``; ``0`` for a float64 loss)."""
+        loss_eps = getattr(self, "_loss_eps", _EPS)
+        return accuracy_floor(torch.float32) if loss_eps > 1e-15 else 0.0
 
     def _raise_floor(self, st: QuasiNewtonState, sol, reason: Optional[str]) -> bool:
         """:meth:`~bilevel.outer.OuterLoop._roundoff_floor` with this loop's floor and scale;
@@ -547,6 +558,9 @@ class QuasiNewton(OuterLoop):
         if st.raised_floor is not None and self.tol_min is None:
             st.message += (f"; accuracy floor raised to {st.raised_floor:.1e}, where the inner "
                            f"solve stalls at round-off in {self._working_dtype(st)}")
+        if gtol > self.gtol and gtol == self._loss_floor():
+            st.message += (f"; gtol raised to {gtol:.0e}: the upper loss is computed in a "
+                           f"lower precision than θ")
 
     def _model_decrease(self, st: QuasiNewtonState, flat: _Flat) -> float:
         """``−½⟨g, Δθ⟩`` for the full quasi-Newton step ``Δθ = Π(θ + d) − θ``: the decrease the

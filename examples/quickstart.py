@@ -54,7 +54,8 @@ def main(argv=None):
     ap.add_argument("--task-sigma", type=float, default=0.5,
                     help="noise of the task part (at 0.3 the two θ tie; at 0.5 they differ)")
     ap.add_argument("--task-n-train", type=int, default=100, help="noisy digits θ is learned on")
-    ap.add_argument("--task-iters", type=int, default=30, help="outer iterations per route (a cap)")
+    ap.add_argument("--task-iters", type=int, default=60,
+                    help="outer iterations per route (a cap: the loop stops by itself)")
     ap.add_argument("--task-epochs", type=int, default=3, help="epochs of T* on clean digits")
     ap.add_argument("--task-n-test", type=int, default=450, help="held-out digits (at most 450)")
     args = ap.parse_args(argv)

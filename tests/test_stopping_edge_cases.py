@@ -118,6 +118,26 @@ def test_quasi_newton_in_float32_stops_at_the_optimum(agg):
     assert (_loss(res.theta, batch) - f_star) / f_star < 1e-6
 
 
+class Float32Fit(Fit):
+    """:class:`Fit` computed in float32 on float64 iterates (a float32 task network's loss)."""
+
+    def forward(self, x, theta, batch):
+        return super().forward(x.float(), theta, {k: v.float() for k, v in batch.items()})
+
+
+def test_quasi_newton_with_a_float32_upper_loss_stops_at_float32_accuracy():
+    """θ and x in float64, ℓ in float32: gtol is raised to float32's floor (1e-5), the loop stops
+    by itself there and says why, instead of spinning at the optimum to max_iter."""
+    batch = _data(torch.float64)
+    _, f_star = _optimum(batch)
+    res = QuasiNewton(ShiftShrink(), Float32Fit()).run(_start(torch.float64), batch)
+    assert res.success and res.n_iter < 60, res.message
+    assert "gtol raised to 1e-05" in res.message
+    assert (_loss(res.theta, batch) - f_star) / f_star < 1e-5
+    float64 = QuasiNewton(ShiftShrink(), Fit()).run(_start(torch.float64), batch)
+    assert float64.success and "gtol raised" not in float64.message
+
+
 def test_gradient_mapping_norm_is_exact_for_steps_below_round_off():
     theta = {"a": torch.tensor(1.0, dtype=torch.float32), "b": torch.tensor([0.0, 2.0])}
     grad = {"a": torch.tensor(1e-9, dtype=torch.float32), "b": torch.tensor([3.0, -4.0])}
