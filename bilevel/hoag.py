@@ -207,7 +207,7 @@ class HOAG(OuterLoop):
 
     # ----- one iteration ----------------------------------------------------------------------
     def _iterate(self, st: HOAGState, batch: Any) -> Dict[str, Any]:
-        dtype = st.x.dtype if st.x is not None else next(iter(st.theta.values())).dtype
+        dtype = self._working_dtype(st)
         eps = self._eps(st, dtype)
         if st.grad is None:  # first iteration (or a resume): evaluate at the accepted point
             rec = self._evaluate(st, batch, eps)
@@ -376,7 +376,7 @@ class HOAG(OuterLoop):
         """Every step down to ``move`` failed the decrease test: confirm ``g_k``; a stop if
         nothing measurable is left, a new search along the confirmed ``g_k`` if the failed one
         followed a looser gradient, a failure otherwise."""
-        dtype = st.x.dtype if st.x is not None else next(iter(st.theta.values())).dtype
+        dtype = self._working_dtype(st)
         loose = st.grad_eps > self._confirm_eps(st, dtype) * (1 + 1e-12)
         if self._confirmed(st, batch) and st.message is None:
             if st.gnorm <= self.floor_gtol * st.g0:
@@ -396,7 +396,7 @@ class HOAG(OuterLoop):
         """Whether ``st.grad`` is (now) accurate enough to claim a stop: re-evaluates ``θ_k`` at
         the confirmation accuracy when it was computed at a looser one; ``False`` (and a message
         when nothing more can be done) otherwise."""
-        dtype = st.x.dtype if st.x is not None else next(iter(st.theta.values())).dtype
+        dtype = self._working_dtype(st)
         target = self._confirm_eps(st, dtype)
         if st.grad_eps <= target * (1 + 1e-12):
             if not st.grad_ok:

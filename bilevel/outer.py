@@ -327,6 +327,11 @@ class OuterLoop:
         return sol, None
 
     @staticmethod
+    def _working_dtype(st: LoopState) -> torch.dtype:
+        """The dtype the loop works in: the inner iterate's, or θ's before the first solve."""
+        return st.x.dtype if st.x is not None else next(iter(st.theta.values())).dtype
+
+    @staticmethod
     def _automatic_floor(st: LoopState, dtype: torch.dtype) -> float:
         """The floor used when no ``tol_min`` is given: :func:`accuracy_floor` of ``dtype``,
         or ``st.raised_floor`` where the inner solve stalled at round-off above it."""

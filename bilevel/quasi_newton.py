@@ -274,10 +274,6 @@ class QuasiNewton(OuterLoop):
     def _auto_floor(self, st: QuasiNewtonState) -> float:
         return self._automatic_floor(st, self._working_dtype(st))
 
-    @staticmethod
-    def _working_dtype(st: QuasiNewtonState) -> torch.dtype:
-        return st.x.dtype if st.x is not None else next(iter(st.theta.values())).dtype
-
     @classmethod
     def _dtype_floor(cls, st: QuasiNewtonState) -> float:
         """:func:`bilevel.outer.accuracy_floor` of the working dtype."""
