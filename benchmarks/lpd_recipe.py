@@ -64,7 +64,7 @@ def gains(model, operator, test, real) -> dict:
     return out
 
 
-def run_variant(name, setup, data, epochs, workdir) -> dict:
+def run_variant(name, data, epochs, workdir) -> dict:
     """Train the variant ``name`` from seed 0 and measure it."""
     operator, train, val, test, real = data
     model_kw, train_kw = VARIANTS[name]
@@ -101,7 +101,7 @@ def main(argv=None) -> dict:
     real = ct_unrolling.real_slices(setup, operator)
     out = Path(tempfile.mkdtemp()) if args.quick else Path(args.out)
     with tempfile.TemporaryDirectory() as workdir:
-        rows = [run_variant(v, setup, (operator, train, val, test, real), epochs, workdir)
+        rows = [run_variant(v, (operator, train, val, test, real), epochs, workdir)
                 for v in args.variants]
     report = {"setup": {k: v for k, v in setup.items() if isinstance(v, (int, float, str))},
               "threads": args.threads, "rows": rows}

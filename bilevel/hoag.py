@@ -63,8 +63,6 @@ from .problem import (Bounds, HypergradientEstimator, InnerProblem, OuterLoss, T
 
 __all__ = ["HOAG", "HOAGState"]
 
-_EPS = 2.220446049250313e-16
-
 
 @dataclass
 class HOAGState(LoopState):
@@ -284,7 +282,7 @@ class HOAG(OuterLoop):
         if abs(margin) < noise and noise > 0.1 * predicted and eps > floor:  # undecided: resolve
             st.tol_scale *= min(0.5, max(0.01, 0.25 * predicted / noise)) if noise < math.inf else 0.1
             return "loss not resolved", unc, None
-        loss_eps = getattr(self, "_loss_eps", _EPS)  # precision of ℓ as computed (float32 nets)
+        loss_eps = self._loss_eps  # precision of ℓ as computed (float32 nets)
         if predicted > 1e2 * 16 * loss_eps * abs(st.loss):
             ok = f_hat <= st.closs - predicted
             return (None if ok else "insufficient decrease"), unc, None
@@ -376,8 +374,7 @@ class HOAG(OuterLoop):
         """Every step down to ``move`` failed the decrease test: confirm ``g_k``; a stop if
         nothing measurable is left, a new search along the confirmed ``g_k`` if the failed one
         followed a looser gradient, a failure otherwise."""
-        dtype = self._working_dtype(st)
-        loose = st.grad_eps > self._confirm_eps(st, dtype) * (1 + 1e-12)
+        loose = not self._at_confirm_accuracy(st)
         if self._confirmed(st, batch) and st.message is None:
             if st.gnorm <= self.floor_gtol * st.g0:
                 st.success = True
@@ -396,9 +393,8 @@ class HOAG(OuterLoop):
         """Whether ``st.grad`` is (now) accurate enough to claim a stop: re-evaluates ``θ_k`` at
         the confirmation accuracy when it was computed at a looser one; ``False`` (and a message
         when nothing more can be done) otherwise."""
-        dtype = self._working_dtype(st)
-        target = self._confirm_eps(st, dtype)
-        if st.grad_eps <= target * (1 + 1e-12):
+        target = self._confirm_eps(st, self._working_dtype(st))
+        if self._at_confirm_accuracy(st):
             if not st.grad_ok:
                 st.message = UNCONFIRMED
                 return False
@@ -407,4 +403,8 @@ class HOAG(OuterLoop):
         self._evaluate(st, batch, target)
         if st.message is None and st.g0 == 0.0:
             st.g0 = st.gnorm
-        return st.message is None and st.grad_eps <= target * (1 + 1e-12) and st.grad_ok
+        return st.message is None and self._at_confirm_accuracy(st) and st.grad_ok
+
+    def _at_confirm_accuracy(self, st: HOAGState) -> bool:
+        """Whether ``g_k`` was computed at (or below) the confirmation accuracy."""
+        return st.grad_eps <= self._confirm_eps(st, self._working_dtype(st)) * (1 + 1e-12)

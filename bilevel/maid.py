@@ -439,7 +439,7 @@ class MAID(OuterLoop):
                       f"‖G(∇ℓ)‖ ≤ {cert:.3e}, floor_gtol·‖G(z₀)‖ = {self.floor_gtol * st.g0:.3e}")
         if st.raised_floor is not None and self.eps_min is None:
             st.message += (f"; accuracy floor raised to {st.raised_floor:.1e} of R, where the "
-                           f"inner solve stalls at round-off in {st.x.dtype}")
+                           f"inner solve stalls at round-off in {self._working_dtype(st)}")
 
     def _line_search(self, st: MAIDState, batch: Any, hg: Hypergradient, pnorm: float,
                      record: Dict[str, Any]) -> None:

@@ -147,6 +147,8 @@ class OuterLoop:
 
     name = "outer"
     State = LoopState
+    #: the machine epsilon of the upper loss as last computed (:meth:`_upper_loss`)
+    _loss_eps: float = 2.220446049250313e-16
 
     def __init__(self, inner: InnerProblem, outer: OuterLoss, estimator: HypergradientEstimator,
                  *, max_iter: int, bounds: Optional[Bounds], inner_method: str,

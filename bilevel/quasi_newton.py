@@ -97,8 +97,6 @@ from .problem import (Bounds, HypergradientEstimator, InnerProblem, OuterLoss, T
 
 __all__ = ["QuasiNewton", "QuasiNewtonState"]
 
-_EPS = 2.220446049250313e-16
-
 
 def _unit(name: str, value: float) -> float:
     v = check_tolerance(name, value)
@@ -289,8 +287,7 @@ class QuasiNewton(OuterLoop):
     def _loss_floor(self) -> float:
         """:func:`~bilevel.outer.accuracy_floor` of the precision the upper loss is computed in
         (a float32 task network on float64 images: ``1e-5``; ``0`` for a float64 loss)."""
-        loss_eps = getattr(self, "_loss_eps", _EPS)
-        return accuracy_floor(torch.float32) if loss_eps > 1e-15 else 0.0
+        return accuracy_floor(torch.float32) if self._loss_eps > 1e-15 else 0.0
 
     def _raise_floor(self, st: QuasiNewtonState, sol, reason: Optional[str]) -> bool:
         """:meth:`~bilevel.outer.OuterLoop._roundoff_floor` with this loop's floor and scale;
@@ -398,7 +395,7 @@ class QuasiNewton(OuterLoop):
         predicted = -self.c1 * slope
         noise = unc + st.unc
         margin = f_hat - (st.closs - predicted)
-        loss_eps = getattr(self, "_loss_eps", _EPS)
+        loss_eps = self._loss_eps
         resolved = not (abs(margin) < noise and noise > 0.1 * abs(slope))
         if resolved and abs(slope) > 1.6e3 * loss_eps * abs(st.loss):
             return (None if margin <= 0 else "insufficient decrease"), unc, None
