@@ -21,9 +21,22 @@ projection onto the bounds); solve the inner problem there and accept when
     \\ell(\\theta^+) \\le \\ell_k - c_1 \\langle g_k, \\theta_k - \\theta^+\\rangle
     + 16\\,\\epsilon_{\\text{mach}} |\\ell_k| .
 
-Accepted: compute ``g⁺``, then ``α ← grow·α`` (not right after a rejection). Rejected (the test
-failed, or the inner solve failed: non-convergence, non-positive curvature, non-finite values):
-``α ← shrink·α``. A test whose outcome lies within the size of the dual corrections
+Step lengths (``step_rule="spectral"``, the default): after an accepted step
+``s = θ⁺ − θ_k`` with ``y = g⁺ − g_k``, the next trial step is the Barzilai–Borwein length
+
+.. math::
+
+    \\alpha = \\frac{\\langle s, y\\rangle}{\\langle y, y\\rangle}
+    \\quad\\text{(kept within } [10^{-3}\\alpha_k, 10^{3}\\alpha_k]\\text{)},
+
+the inverse of a curvature of ℓ along the last step (``⟨s, y⟩ ≤ 0``: ``α ← grow·α``); a
+step that fails the decrease test is shortened to the minimiser of the quadratic through
+``ℓ_k``, the slope ``−⟨g_k, s⟩`` and the trial loss, kept within ``[0.1, shrink]·α``. On a
+narrow curved valley (a weight against a smoothing that matters little) this follows the valley
+instead of zig-zagging across it. ``step_rule="adaptive"`` is the fixed-factor rule of earlier
+versions: accepted, ``α ← grow·α`` (not right after a rejection); rejected, ``α ← shrink·α``.
+Any other failure of a trial (the inner solve: non-convergence, non-positive curvature,
+non-finite values) gives ``α ← shrink·α``. A test whose outcome lies within the size of the dual corrections
 ("loss not resolved") tightens ``s`` instead and recomputes ``ℓ_k``, ``g_k`` at the tighter
 accuracy. On a quadratic, ``c₁ = ½`` accepts only ``α ≤ 1/h``: the iterates approach the
 optimum monotonically and stay there. The first step is ``α₀ = 1/‖g₀‖`` (a move of length 1)
@@ -50,7 +63,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -62,6 +75,9 @@ from .problem import (Bounds, HypergradientEstimator, InnerProblem, OuterLoss, T
                       theta_distance, theta_dot, theta_floats, theta_norm, theta_sub)
 
 __all__ = ["HOAG", "HOAGState"]
+
+#: the step-length rules of :class:`HOAG`
+STEP_RULES = ("spectral", "adaptive")
 
 
 @dataclass
@@ -88,6 +104,10 @@ class HOAGState(LoopState):
     grad_eps: float = math.inf
     eps_cap: Optional[float] = None
     grad_ok: bool = True
+    trial_model: Optional[list] = None
+
+    #: the decrease test's ``[ℓ̂⁺ − ℓ̂_k + ⟨g_k, θ_k − θ⁺⟩, ⟨g_k, θ_k − θ⁺⟩]`` for the trial just made
+    TRANSIENT: ClassVar[Tuple[str, ...]] = ("trial_model",)
 
 
 class HOAG(OuterLoop):
@@ -104,7 +124,10 @@ class HOAG(OuterLoop):
         raised where the inner solve stalls at round-off above it; module docstring).
     max_iter: outer iterations (trials, accepted or not).
     step_size: initial step ``α₀``; ``None`` uses ``1/‖g₀‖``.
-    c1, grow, shrink: the sufficient-decrease constant and the step factors.
+    step_rule: ``"spectral"`` (Barzilai–Borwein lengths, interpolated backtracking) or
+        ``"adaptive"`` (``grow``/``shrink`` factors only); module docstring.
+    c1, grow, shrink: the sufficient-decrease constant and the step factors (``shrink``: the
+        most a rejected step is kept of).
     gtol, xtol: the stopping tolerances (relative; ``0`` disables each). A stop on ``gtol`` is
         claimed only after ``θ_k`` was re-evaluated at the relative accuracy
         ``max(tol_min, 10⁻²·gtol)``; floor_gtol: the looser test a stop on ``xtol`` ("no
@@ -145,7 +168,8 @@ class HOAG(OuterLoop):
                  estimator: Optional[HypergradientEstimator] = None,
                  tolerance: Union[str, Callable[[int], float]] = "geometric", tol0: float = 0.1,
                  tol_rate: float = 0.9, tol_min: Optional[float] = None, max_iter: int = 100,
-                 step_size: Optional[float] = None, c1: float = 0.5, grow: float = 1.2,
+                 step_size: Optional[float] = None, step_rule: str = "spectral",
+                 c1: float = 0.5, grow: float = 1.2,
                  shrink: float = 0.5, gtol: float = 1e-6, xtol: float = 1e-8,
                  floor_gtol: float = 1e-3, max_move: float = 2.0,
                  bounds: Optional[Bounds] = None, inner_method: str = "newton-cg",
@@ -165,6 +189,9 @@ class HOAG(OuterLoop):
         self.max_move = check_tolerance("max_move", max_move)
         self.tol_min = None if tol_min is None else check_tolerance("tol_min", tol_min)
         self.step_size = None if step_size is None else check_tolerance("step_size", step_size)
+        if step_rule not in STEP_RULES:
+            raise ValueError(f"step_rule must be one of {STEP_RULES}, got {step_rule!r}")
+        self.step_rule = step_rule
         self.c1 = check_tolerance("c1", c1)
         if not self.c1 < 1:
             raise ValueError(f"c1 must lie in (0, 1), got {c1!r}")
@@ -214,6 +241,7 @@ class HOAG(OuterLoop):
         alpha = self._capped(st)
         trial = project(theta_axpy(-alpha, st.grad, st.theta), self.bounds)
         st.last_theta = trial
+        st.trial_model = None
         sol, reason = self._solve(st, trial, batch, eps * st.inner_ref, st.x)
         retry = self._raise_floor(st, sol, reason, dtype)  # round-off: same step, raised floor
         f_trial = unc = math.nan
@@ -227,11 +255,12 @@ class HOAG(OuterLoop):
         if reason is None and hg is None:
             hg, reason = self._trial_hypergradient(st, trial, sol.x, batch, eps)
         if reason is None:
+            previous = (st.theta, st.grad)
             st.theta, st.x = trial, sol.x
             self._install(st, hg, batch)
             st.grad_eps, st.grad_ok = eps, sol.all_converged and hg.cg_converged
             rec = self._accepted_record(st, hg, eps, 0, True)
-            st.step = alpha if st.rejected_last else alpha * self.grow
+            st.step = self._next_step(st, alpha, *previous)
             st.good_step, st.rejected_last, st.last_failure = alpha, False, None
             rec.update(base, upper_loss=rec["upper_loss"], accepted=True, reason=None)
         elif reason == "loss not resolved":  # tighter accuracy, same step: re-evaluate θ_k
@@ -244,11 +273,37 @@ class HOAG(OuterLoop):
             return dict(base, grad_norm=st.gnorm, cg_iterations=0, cg_converged=None,
                         accepted=False, reason=reason)
         else:  # a real step failure: shorter step
-            st.step, st.rejected_last, st.last_failure = alpha * self.shrink, True, reason
+            st.step, st.rejected_last, st.last_failure = alpha * self._cut(st, reason), True, reason
             rec = dict(base, grad_norm=st.gnorm, cg_iterations=0, cg_converged=None,
                        accepted=False, reason=reason)
         self._check_stop(st, batch)
         return rec
+
+    def _next_step(self, st: HOAGState, alpha: float, old_theta: Theta, old_grad: Theta) -> float:
+        """The step after an accepted trial of length ``alpha`` from ``old_theta``: the
+        Barzilai–Borwein ``⟨s, y⟩/⟨y, y⟩`` within ``[10⁻³α, 10³α]`` (``"spectral"``, when
+        ``⟨s, y⟩ > 0``), otherwise ``grow·α`` (``α`` right after a rejection)."""
+        grown = alpha if st.rejected_last else alpha * self.grow
+        if self.step_rule != "spectral" or st.grad is None:
+            return grown
+        s, y = theta_sub(st.theta, old_theta), theta_sub(st.grad, old_grad)
+        sy, yy = theta_dot(s, y), theta_dot(y, y)
+        if not (sy > 0 and math.isfinite(sy) and yy > 0):
+            return grown
+        return min(max(sy / yy, 1e-3 * alpha), 1e3 * alpha)
+
+    def _cut(self, st: HOAGState, reason: str) -> float:
+        """The factor a rejected step is shortened by: ``shrink``, or (``"spectral"``, after an
+        insufficient decrease) the minimiser ``t* = d/(2c)`` of the quadratic
+        ``ℓ̂_k − t·d + t²·c`` through the trial (``d = ⟨g_k, θ_k − θ⁺⟩``,
+        ``c = ℓ̂⁺ − ℓ̂_k + d``), kept within ``[0.1, shrink]``."""
+        model, st.trial_model = st.trial_model, None
+        if self.step_rule != "spectral" or reason != "insufficient decrease" or model is None:
+            return self.shrink
+        c, d = model
+        if not (c > 0 and d > 0 and math.isfinite(c)):
+            return self.shrink
+        return min(self.shrink, max(0.1, d / (2.0 * c)))
 
     def _capped(self, st: HOAGState) -> float:
         """``α`` such that ``α|g_i| ≤ max_move·max(1, |θ_i|)`` for every coordinate (the step
@@ -285,6 +340,8 @@ class HOAG(OuterLoop):
         loss_eps = self._loss_eps  # precision of ℓ as computed (float32 nets)
         if predicted > 1e2 * 16 * loss_eps * abs(st.loss):
             ok = f_hat <= st.closs - predicted
+            slope = predicted / self.c1
+            st.trial_model = [f_hat - st.closs + slope, slope]
             return (None if ok else "insufficient decrease"), unc, None
         hg, why = self._trial_hypergradient(st, trial, x, batch, eps)  # round-off regime: trapezoid
         if why is not None:

@@ -154,3 +154,37 @@ def ridge_optimum(inner: RidgeInner, outer: RidgeOuter, batch) -> float:
     res = minimize_scalar(f, bounds=(-40.0, 40.0), method="bounded",
                           options={"xatol": 1e-12, "maxiter": 500})
     return float(np.exp(res.x))
+
+
+class ShiftInner(InnerProblem):
+    """``Φ_b(x; θ) = ½‖x − Aθ‖²``: ``x̂ = Aθ`` for every sample (θ = ``{"t": vector}``)."""
+
+    theta_names = ("t",)
+
+    def __init__(self, A: Tensor):
+        self.A = A
+
+    def objective(self, x, theta, batch):
+        return 0.5 * ((x - (self.A @ theta["t"])[None]) ** 2).sum(1)
+
+    def init(self, theta, batch):
+        return torch.zeros_like(batch["target"])
+
+
+class TargetOuter(OuterLoss):
+    """``ℓ = ½ mean_b ‖x_b − target_b‖²``."""
+
+    def forward(self, x, theta, batch):
+        return 0.5 * ((x - batch["target"]) ** 2).sum(1).mean()
+
+
+def valley(condition: float = 1e3, dtype=torch.float64):
+    """A narrow rotated valley ``ℓ(θ) = ½‖Aθ − b‖²`` (``AᵀA`` with condition number
+    ``condition``, axes at 30° to the coordinates), optimum ``θ* = (1, −2)`` at loss 0; returns
+    ``(inner, outer, θ₀ = 0, batch, θ*)``."""
+    c, s = np.cos(np.pi / 6), np.sin(np.pi / 6)
+    R = torch.tensor([[c, -s], [s, c]], dtype=dtype)
+    A = R @ torch.diag(torch.tensor([1.0, condition ** -0.5], dtype=dtype)) @ R.T
+    opt = torch.tensor([1.0, -2.0], dtype=dtype)
+    batch = {"target": (A @ opt)[None].repeat(3, 1)}
+    return ShiftInner(A), TargetOuter(), {"t": torch.zeros(2, dtype=dtype)}, batch, opt

@@ -207,3 +207,42 @@ def test_the_step_cap_holds_for_every_coordinate():
     assert loop._capped(st) == pytest.approx(2.0 / 50.0)
     st.step = 0.01  # below the cap: the step size itself
     assert loop._capped(st) == 0.01
+
+
+def test_spectral_steps_follow_a_narrow_valley_that_fixed_factors_zigzag_across():
+    """On ``ℓ = ½‖Aθ − b‖²`` with cond(AᵀA) = 10³ the Barzilai–Borwein lengths reach the optimum
+    and stop by themselves; the grow/shrink rule, which only accepts ``α ≤ 1/h_max``, is still
+    far from it after as many iterations."""
+    from bilevel_problems import valley
+
+    inner, outer, theta0, batch, opt = valley(1e3)
+    runs = {rule: HOAG(inner, outer, step_rule=rule, max_iter=80).run(dict(theta0), batch)
+            for rule in ("spectral", "adaptive")}
+    fast, slow = runs["spectral"], runs["adaptive"]
+    assert fast.success, fast.message
+    assert float((fast.theta["t"] - opt).norm()) < 1e-3, fast.theta
+    assert not slow.success and float((slow.theta["t"] - opt).norm()) > 0.1, slow.theta
+
+
+def test_a_rejected_spectral_step_is_cut_to_the_interpolated_minimiser():
+    """After an insufficient decrease the step is multiplied by ``d/(2c)`` within ``[0.1, shrink]``
+    (``d`` the slope term, ``c`` the curvature term of the trial); the adaptive rule halves."""
+    from bilevel.hoag import HOAGState
+
+    loop = HOAG(ShrinkageInner(), ScaledTargetOuter())
+    st = HOAGState(theta={"a": torch.tensor(0.0)}, trial_model=[4.0, 2.0])
+    assert loop._cut(st, "insufficient decrease") == pytest.approx(0.25)
+    assert st.trial_model is None  # consumed
+    st.trial_model = [100.0, 1.0]
+    assert loop._cut(st, "insufficient decrease") == pytest.approx(0.1)
+    st.trial_model = [1.0, 1.9]
+    assert loop._cut(st, "insufficient decrease") == pytest.approx(0.5)
+    st.trial_model = [4.0, 2.0]
+    assert loop._cut(st, "inner solve did not converge") == 0.5
+    assert HOAG(ShrinkageInner(), ScaledTargetOuter(), step_rule="adaptive")._cut(
+        HOAGState(theta={}, trial_model=[4.0, 2.0]), "insufficient decrease") == 0.5
+
+
+def test_step_rule_is_checked():
+    with pytest.raises(ValueError, match="step_rule.*'bb'"):
+        HOAG(ShrinkageInner(), ScaledTargetOuter(), step_rule="bb")
