@@ -284,7 +284,7 @@ class HOAG(OuterLoop):
         Barzilai–Borwein ``⟨s, y⟩/⟨y, y⟩`` within ``[10⁻³α, 10³α]`` (``"spectral"``, when
         ``⟨s, y⟩ > 0``), otherwise ``grow·α`` (``α`` right after a rejection)."""
         grown = alpha if st.rejected_last else alpha * self.grow
-        if self.step_rule != "spectral" or st.grad is None:
+        if self.step_rule != "spectral":
             return grown
         s, y = theta_sub(st.theta, old_theta), theta_sub(st.grad, old_grad)
         sy, yy = theta_dot(s, y), theta_dot(y, y)

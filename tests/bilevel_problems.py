@@ -171,13 +171,6 @@ class ShiftInner(InnerProblem):
         return torch.zeros_like(batch["target"])
 
 
-class TargetOuter(OuterLoss):
-    """``ℓ = ½ mean_b ‖x_b − target_b‖²``."""
-
-    def forward(self, x, theta, batch):
-        return 0.5 * ((x - batch["target"]) ** 2).sum(1).mean()
-
-
 def valley(condition: float = 1e3, dtype=torch.float64):
     """A narrow rotated valley ``ℓ(θ) = ½‖Aθ − b‖²`` (``AᵀA`` with condition number
     ``condition``, axes at 30° to the coordinates), optimum ``θ* = (1, −2)`` at loss 0; returns
@@ -187,4 +180,5 @@ def valley(condition: float = 1e3, dtype=torch.float64):
     A = R @ torch.diag(torch.tensor([1.0, condition ** -0.5], dtype=dtype)) @ R.T
     opt = torch.tensor([1.0, -2.0], dtype=dtype)
     batch = {"target": (A @ opt)[None].repeat(3, 1)}
-    return ShiftInner(A), TargetOuter(), {"t": torch.zeros(2, dtype=dtype)}, batch, opt
+    outer = QuadraticOuter(torch.zeros(2, dtype=dtype))  # ½ mean_b ‖x_b − b‖², no θ term
+    return ShiftInner(A), outer, {"t": torch.zeros(2, dtype=dtype)}, batch, opt
