@@ -48,16 +48,19 @@ Powell's skipping rule, Nocedal & Wright §7.2 / Byrd-Nocedal-Schnabel); others 
 
 .. math::
 
-    \\varepsilon_{k+1} = \\max\\big(\\varepsilon_{\\min},\\ \\min(\\varepsilon_k,\\ \\varepsilon_0
-    (\\|G(g_{k+1})\\| / \\|G(g_0)\\|)^{p})\\big),\\qquad p = 1.5\\ (\\texttt{tol\\_power}),
+    \\varepsilon_{k+1} = \\max\\big(\\varepsilon_{\\min},\\ \\min(\\varepsilon_k,\\ \\max(\\varepsilon_c,\\
+    \\varepsilon_0 (\\|G(g_{k+1})\\| / \\|G(g_0)\\|)^{p}))\\big),\\qquad p = 1.5\\ (\\texttt{tol\\_power}),
 
 so the hypergradient's error vanishes faster than the gradient, ``o(‖g‖)`` -- the condition
 under which inexact quasi-Newton methods keep their superlinear rate (Dennis & Moré; Ehrhardt
 & Roberts 2021, 2023: the hypergradient error is linear in the inner and CG residuals;
 Pedregosa 2016: summable accuracies). ``p = 2`` buys accuracy sooner than needed (on the
 benchmarks it cost 15–50 % more inner + CG iterations); with ``p = 1`` only the relative error
-stays bounded, and the loop needs more iterations. After a trial that cost no inner or CG
-iteration (a stale evaluation) ``ε`` is multiplied by ``tol_rate`` as well. Early iterations
+stays bounded, and the loop needs more iterations. The schedule stops at the confirmation
+accuracy ``ε_c`` (see Stopping): a stop is claimed there, and below it an inner solver may need
+many times the iterations; an exhausted line search and a stale trial still tighten below it.
+After a trial that cost no inner or CG iteration (a stale evaluation) ``ε`` is multiplied by
+``tol_rate`` as well. Early iterations
 are cheap; accuracy is bought where the step test needs it.
 
 **Stopping** (``success=True`` is a checked claim; ``gtol`` is at least the accuracy floor of
@@ -426,7 +429,9 @@ class QuasiNewton(OuterLoop):
             # a trial that cost no inner or CG iteration told nothing new: tighten anyway
             rate = self.tol_rate if stale else 1.0
             target = self.tol0 * (st.gnorm / st.g0) ** self.tol_power
-            st.eps = max(self._floor(st), min(rate * st.eps, target))
+            # the schedule stops at the confirmation accuracy a stop is claimed at; tighter
+            # only where a step test asks for it (or a stale trial, by ``rate``)
+            st.eps = max(self._floor(st), min(rate * st.eps, max(target, self._confirm_eps(st))))
 
     def _reject(self, st: QuasiNewtonState, flat: _Flat, reason: str, step: Tensor,
                 f_trial: float) -> None:

@@ -202,8 +202,13 @@ def accelerated_gradient(inner: InnerProblem, theta: Theta, batch: Any, tol: flo
 
     Iteration: ``x⁺ = z − ∇Φ(z)/L_b``, accepted when
     ``Φ(x⁺) ≤ Φ(z) − ‖∇Φ(z)‖²/(2L_b)`` (else ``L_b ← 2L_b``); ``L_b ← 0.9 L_b`` after a step accepted
-    at the first try; ``t⁺ = (1+√(1+4t²))/2``, ``z⁺ = x⁺ + (t−1)/t⁺ (x⁺ − x)``; momentum is
-    restarted for a sample whose objective increased. Stops on ``‖∇Φ(z)‖ ≤ tol`` (returns that z).
+    at the first try; ``t⁺ = (1+√(1+4t²))/2``, ``z⁺ = x⁺ + (t−1)/t⁺ (x⁺ − x)``. Momentum is
+    restarted (``t ← 1``, ``z⁺ = x⁺``) for a sample whose step points uphill,
+    ``⟨∇Φ(z), x⁺ − x⟩ > 0`` (the gradient scheme of O'Donoghue & Candès 2015, which keeps the
+    linear rate on a strongly convex Φ without knowing its modulus). The test uses gradients,
+    not objective values: at tight tolerances Φ changes below its round-off, and a restart on
+    ``Φ(x⁺) > Φ(x)`` then fires at random (on smoothed TV at 1e-10 relative that took 2–10×
+    more iterations). Stops on ``‖∇Φ(z)‖ ≤ tol`` (returns that z).
     """
     tol, theta, x = _prepare(inner, theta, batch, x0, tol, max_iter)
     bsz = x.shape[0]
@@ -217,7 +222,6 @@ def accelerated_gradient(inner: InnerProblem, theta: Theta, batch: Any, tol: flo
     L = torch.full((bsz,), max(float(lipschitz), 1e-300), dtype=x.dtype, device=x.device)
     t = torch.ones_like(L)
     z = x.clone()
-    fx = _objective(inner, x, theta, batch)
     done = torch.zeros(bsz, dtype=torch.bool, device=x.device)
     gn = torch.zeros_like(L)
     for _ in range(max_iter + 1):
@@ -244,14 +248,12 @@ def accelerated_gradient(inner: InnerProblem, theta: Theta, batch: Any, tol: flo
             if bool(ok.all()):
                 break
             L = torch.where(ok, L, 2 * L)
-        f_new = _objective(inner, xp, theta, batch)
-        restart = active & (f_new > fx)
+        restart = active & (batch_dot(gz, xp - x) > 0)
         t_new = (1 + torch.sqrt(1 + 4 * t ** 2)) / 2
         mom = torch.where(restart, torch.zeros_like(t), (t - 1) / t_new)
         z_new = xp + _bview(mom, xp) * (xp - x)
         z = torch.where(_bview(active, z), z_new, z)
         x = torch.where(_bview(active, x), xp, x)
-        fx = torch.where(active, f_new, fx)
         t = torch.where(restart, torch.ones_like(t), torch.where(active, t_new, t))
         L = torch.where(strict_first, 0.9 * L, L)
         iters += active.long()
