@@ -16,7 +16,9 @@ gradient products its error bounds use; ``Unrolled`` counts its differentiable s
 
 Methods (each stops after ``--iters`` outer iterations or once its cost passes ``--max-cost``):
 
-* ``MAID`` -- :class:`bilevel.MAID`, default parameters (accuracies chosen by the method).
+* ``MAID`` -- :class:`bilevel.MAID`, default parameters (accuracies chosen by the method;
+  spectral step lengths). ``MAID-adaptive`` -- the same with ``step_rule="adaptive"``, the
+  authors' fixed grow factor.
 * ``HOAG-geometric`` / ``-quadratic`` / ``-cubic`` -- :class:`bilevel.HOAG` with its default
   relative accuracies ``ε_k = 0.1·0.9ᵏ``, ``0.1/(k+1)²``, ``0.1/(k+1)³`` (inner solve relative to
   ``maxᵦ‖∇ₓΦ_b(x⁰)‖``, CG relative to ``‖(∇ₓℓ)_b‖``), its Armijo step rule and stopping rules.
@@ -194,9 +196,10 @@ def run(images=16, size=64, sigma=0.1, iters=60, max_cost=3000, unroll=30, seed=
               f"loss {last['upper_loss']:.6g}  {runs[name]['wall_seconds']:6.1f} s", flush=True)
 
     print(f"{problem.upper()} denoising, {images} images {size}x{size}, sigma={sigma}, float64, eps0={eps0:.3g}")
-    timed("MAID", lambda: (lambda r: (r.history, r.message))(
-        MAID(inner, outer, max_iter=iters, max_cost=max_cost, bounds=BOUNDS,
-             inner_method=INNER_METHOD, inner_max_iter=INNER_MAX_ITER).run(theta0, batch)))
+    for name, rule in (("MAID", "spectral"), ("MAID-adaptive", "adaptive")):
+        timed(name, lambda r=rule: (lambda res: (res.history, res.message))(
+            MAID(inner, outer, max_iter=iters, max_cost=max_cost, bounds=BOUNDS, step_rule=r,
+                 inner_method=INNER_METHOD, inner_max_iter=INNER_MAX_ITER).run(theta0, batch)))
     for schedule in ("geometric", "quadratic", "cubic"):
         timed(f"HOAG-{schedule}", lambda s=schedule: (lambda r: (r.history, r.message))(
             HOAG(inner, outer, tolerance=s, max_iter=iters, bounds=BOUNDS,

@@ -69,15 +69,13 @@ import torch
 from torch import Tensor
 
 from .history import tolerance_schedule
-from .outer import UNCONFIRMED, LoopState, OuterLoop, implicit_estimator
+from .outer import STEP_RULES, UNCONFIRMED, LoopState, OuterLoop, implicit_estimator, spectral_step
 from .problem import (Bounds, HypergradientEstimator, InnerProblem, OuterLoss, Theta,
                       check_tolerance, gradient_mapping_norm, project, theta_axpy,
                       theta_distance, theta_dot, theta_floats, theta_norm, theta_sub)
 
 __all__ = ["HOAG", "HOAGState"]
 
-#: the step-length rules of :class:`HOAG`
-STEP_RULES = ("spectral", "adaptive")
 
 
 @dataclass
@@ -286,11 +284,8 @@ class HOAG(OuterLoop):
         grown = alpha if st.rejected_last else alpha * self.grow
         if self.step_rule != "spectral":
             return grown
-        s, y = theta_sub(st.theta, old_theta), theta_sub(st.grad, old_grad)
-        sy, yy = theta_dot(s, y), theta_dot(y, y)
-        if not (sy > 0 and math.isfinite(sy) and yy > 0):
-            return grown
-        return min(max(sy / yy, 1e-3 * alpha), 1e3 * alpha)
+        return spectral_step(theta_sub(st.theta, old_theta), theta_sub(st.grad, old_grad),
+                             alpha, grown)
 
     def _cut(self, st: HOAGState, reason: str) -> float:
         """The factor a rejected step is shortened by: ``shrink``, or (``"spectral"``, after an

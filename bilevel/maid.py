@@ -32,7 +32,11 @@ gradient mapping, ``= z`` without bounds):
     exceed the first-order decrease bound ``(‖z_k‖ + ω_k)‖θ⁺ − θ_k‖``, a shorter step cannot
     help, and the line search ends as failed at once ("coarse").
 
-3. **Adapt.** After success: ``θ_{k+1} = θ⁺``, ``ε ← νε``, ``δ ← νδ``, ``β_{k+1} = β·grow``.
+3. **Adapt.** After success: ``θ_{k+1} = θ⁺``, ``ε ← νε``, ``δ ← νδ`` and
+   ``β_{k+1} = ⟨s, y⟩/⟨y, y⟩`` (``step_rule="spectral"``, the default: the Barzilai–Borwein
+   length with ``s = θ⁺ − θ_k``, ``y = z⁺ − z_k``, kept within ``[10⁻³β, 10³β]``;
+   ``β·grow`` where ``⟨s, y⟩ ≤ 0``, e.g. when a loose ``ε`` left ``x̃`` and hence ``z``
+   unchanged) or ``β_{k+1} = β·grow`` (``step_rule="adaptive"``, the authors' rule).
    After failure: stay at ``θ_k`` with ``ε ← τε``; unless only the allowances failed, also
    ``δ ← τδ`` and ``β_{k+1} = ρ^{m}β_k`` (``m`` the trials made): the next search goes on from
    the shortest step tried, so a first step far too long for the curvature met later (data in
@@ -47,7 +51,12 @@ evaluations) and ``max_cost`` lower-level + CG iterations; exhausting either end
 Differences from the paper's Algorithm: ``ε`` and ``δ`` are tightened separately according to
 the term of ``ω`` that dominates; the loss bound is the dual-weighted residual of
 :class:`~bilevel.AdaptiveInexact` (a product of the two residuals) instead of the first-order
-``‖∇ₓℓ‖ ε``; the early exit of the line search in step 2; box constraints via ``G``.
+``‖∇ₓℓ‖ ε``; the early exit of the line search in step 2; box constraints via ``G``; the
+spectral first trial step of each search (every trial still passes the certified decrease test
+of step 2 before it is accepted, so the true loss still never increases). With the fixed factor the searches zig-zag across a
+narrow curved valley (a TV weight against a smoothing the loss hardly depends on): on the
+quickstart problem the authors' rule ended 1.9e-2 above the optimum at 100 iterations, the
+spectral one reaches it.
 
 Scale-free accuracies: ``ε₀ = eps_rel·R`` with ``R = max_b‖∇ₓΦ_b(x⁰)‖`` at the initial point,
 ``δ₀ = delta_rel·max_b‖(∇ₓℓ)_b‖`` at the first inner solution, and the floor
@@ -76,9 +85,10 @@ from . import distributed as dist_
 from .adaptive import AdaptiveInexact, NotStronglyConvexError, resolve_strong_convexity
 from .hypergrad import outer_gradients
 from .linalg import NonPositiveCurvatureError, batch_norm
-from .outer import LoopState, OuterLoop, accuracy_floor
+from .outer import STEP_RULES, LoopState, OuterLoop, accuracy_floor, spectral_step
 from .problem import (Bounds, Hypergradient, InnerProblem, OuterLoss, Theta, check_tolerance,
-                      gradient_mapping_norm, project, theta_axpy, theta_distance, theta_floats)
+                      gradient_mapping_norm, project, theta_axpy, theta_distance, theta_floats,
+                      theta_sub)
 from .solvers import METHODS, SolveResult
 
 __all__ = ["MAID", "MAIDState"]
@@ -177,6 +187,8 @@ class MAID(OuterLoop):
     max_iter: budget of outer iterations (hypergradient evaluations, one History record each).
     max_cost: budget of lower-level + CG iterations (``None``: unlimited).
     gtol, floor_gtol: the stopping tolerances (relative to ``‖G(z₀)‖``; module docstring).
+    step_rule: ``"spectral"`` (Barzilai–Borwein first trial steps, the default) or
+        ``"adaptive"`` (``β·grow`` after every success, as published); module docstring, step 3.
     bounds, inner_method, inner_max_iter, param_optimizer, callback, progress, checkpoint: as
         for :class:`~bilevel.HOAG`.
 
@@ -213,6 +225,7 @@ class MAID(OuterLoop):
                  rho: float = 0.5, tau: float = 0.5, nu: float = 1.05, grow: float = 10 / 9,
                  max_backtracks: int = 8, max_tighten: int = 30, max_iter: int = 100,
                  max_cost: Optional[int] = None, gtol: float = 1e-6, floor_gtol: float = 1e-3,
+                 step_rule: str = "spectral",
                  bounds: Optional[Bounds] = None, inner_method: str = "newton-cg",
                  inner_max_iter: Optional[int] = None,
                  param_optimizer: Optional[torch.optim.Optimizer] = None,
@@ -255,6 +268,9 @@ class MAID(OuterLoop):
         self.max_backtracks, self.max_tighten, self.max_cost = max_backtracks, max_tighten, max_cost
         self.gtol = check_tolerance("gtol", gtol, allow_zero=True)
         self.floor_gtol = check_tolerance("floor_gtol", floor_gtol, allow_zero=True)
+        if step_rule not in STEP_RULES:
+            raise ValueError(f"step_rule must be one of {STEP_RULES}, got {step_rule!r}")
+        self.step_rule = step_rule
 
     # ----- start ------------------------------------------------------------------------------
     def _start(self, theta: Theta, batch: Any, x0: Optional[Tensor]) -> MAIDState:
@@ -447,6 +463,7 @@ class MAID(OuterLoop):
         z, omega, allowance = hg.theta_grad, float(hg.error_bound), hg.bound.loss
         lower = hg.loss - allowance - _roundoff(hg.loss)  # ≤ the true loss at θ_k
         b, accepted, coarse, backtracks, cost0 = st.beta, False, False, 0, st.cost
+        spectral = None
         for _ in range(self.max_backtracks):
             trial = project(theta_axpy(-b, z, st.theta), self.bounds)
             move = theta_distance(trial, st.theta)
@@ -471,6 +488,9 @@ class MAID(OuterLoop):
                 continue
             if loss_t + a_t <= lower - self.c1 * move ** 2 / b:
                 accepted = True
+                if self.step_rule == "spectral":
+                    spectral = spectral_step(theta_sub(trial, st.theta),
+                                             theta_sub(hg_t.theta_grad, z), b, b * self.grow)
                 st.theta, st.sol, st.x, st.sol_eps = trial, sol_t, sol_t.x, st.eps
                 st.hg, st.hg_delta = hg_t, st.delta
                 break
@@ -488,14 +508,17 @@ class MAID(OuterLoop):
                 break
         record.update(step_size=b, step_accepted=accepted, backtracks=backtracks,
                       line_search_coarse=coarse, line_search_cost=st.cost - cost0)
-        self._adapt(st, accepted, coarse, b, pnorm + omega)
+        self._adapt(st, accepted, coarse, b, pnorm + omega, spectral)
 
-    def _adapt(self, st: MAIDState, accepted: bool, coarse: bool, b: float, cert: float) -> None:
+    def _adapt(self, st: MAIDState, accepted: bool, coarse: bool, b: float, cert: float,
+               spectral: Optional[float] = None) -> None:
+        """Step 3: after success ``β ← grow·b`` (or the spectral length), ``ε, δ ← ν·(ε, δ)``;
+        after a failure ``ε ← τε`` (and ``δ ← τδ``, ``β ← b`` when the search ran out of steps)."""
         if accepted:
             if self._step_params(st.hg.param_grads):  # φ moved: the cached values are stale
                 st.hg = None
                 st.sol_eps = st.eps
-            st.beta = b * self.grow
+            st.beta = b * self.grow if spectral is None else spectral
             st.eps, st.delta = st.eps * self.nu, st.delta * self.nu
         elif st.eps <= st.eps_floor:
             self._floor_verdict(st, cert, "the loss allowances and round-off exceed the decrease "

@@ -26,7 +26,7 @@ from . import distributed as dist_
 from .history import History, Result, check_writable
 from .linalg import NonPositiveCurvatureError, batch_norm
 from .problem import (Bounds, HypergradientEstimator, InnerProblem, OuterLoss, Theta, check_theta,
-                      project, theta_floats, validate_inner)
+                      project, theta_dot, theta_floats, validate_inner)
 from .solvers import SolveResult, solve_inner
 
 __all__ = ["LoopState", "OuterLoop", "batch_fingerprint", "implicit_estimator", "UNCONFIRMED"]
@@ -46,6 +46,23 @@ def accuracy_floor(dtype: torch.dtype) -> float:
 INNER_CAP = "inner solve hit its iteration cap"
 #: an inner solve that stalls within this factor of the dtype's floor is taken as round-off
 ROUNDOFF_FACTOR = 100.0
+
+
+#: the step-length rules of :class:`~bilevel.HOAG` and :class:`~bilevel.MAID`
+STEP_RULES = ("spectral", "adaptive")
+
+
+def spectral_step(s: Theta, y: Theta, alpha: float, fallback: float) -> float:
+    """The Barzilai–Borwein step length ``⟨s, y⟩/⟨y, y⟩`` after a move ``s = θ⁺ − θ`` with
+    gradient change ``y = g⁺ − g``, kept within ``[10⁻³α, 10³α]`` of the last length ``α``;
+    ``fallback`` where ``⟨s, y⟩ ≤ 0`` (no positive curvature seen along ``s``) or not finite.
+    Entries the move left unchanged (held by a bound) are left out of ``y``: their gradient
+    says nothing about the curvature along ``s``, and would shorten every later step."""
+    y = {k: torch.where(s[k] != 0, y[k], torch.zeros_like(y[k])) for k in y}
+    sy, yy = theta_dot(s, y), theta_dot(y, y)
+    if not (sy > 0 and math.isfinite(sy) and math.isfinite(yy) and yy > 0):
+        return fallback
+    return min(max(sy / yy, 1e-3 * alpha), 1e3 * alpha)
 
 
 def implicit_estimator(estimator: Optional[HypergradientEstimator]) -> HypergradientEstimator:

@@ -246,3 +246,15 @@ def test_a_rejected_spectral_step_is_cut_to_the_interpolated_minimiser():
 def test_step_rule_is_checked():
     with pytest.raises(ValueError, match="step_rule.*'bb'"):
         HOAG(ShrinkageInner(), ScaledTargetOuter(), step_rule="bb")
+
+
+def test_spectral_length_leaves_out_entries_a_bound_holds():
+    """``⟨s, y⟩/⟨y, y⟩`` over the entries that moved: a gradient change on an entry held at its
+    bound (``s = 0`` there) would shrink every later step."""
+    from bilevel.outer import spectral_step
+
+    s = {"a": torch.tensor(0.0), "v": torch.tensor([1.0, 2.0])}
+    y = {"a": torch.tensor(10.0), "v": torch.tensor([0.5, 1.0])}
+    assert spectral_step(s, y, 1.0, 7.0) == pytest.approx(2.0)  # 2.5/1.25, not 2.5/101.25
+    assert spectral_step(s, {"a": y["a"], "v": -y["v"]}, 1.0, 7.0) == 7.0  # ⟨s, y⟩ < 0
+    assert spectral_step(s, y, 1e-4, 7.0) == pytest.approx(0.1)  # within 10³ of the last
