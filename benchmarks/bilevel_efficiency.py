@@ -148,7 +148,7 @@ def _compare(runs):
     summary = []
     for name, r in runs.items():
         costs = r["history"].column("cost")
-        total = costs[-1] + (r["history"][-1].get("line_search_cost") or 0)  # MAID: a last search
+        total = costs[-1]  # cumulative at the end of the iteration, MAID's line search included
         i = r["final"]
         summary.append(dict(method=name, iterations=len(r["history"]), final_true_loss=r["true_loss"][i],
                             final_reported_loss=r["history"][i]["upper_loss"], cost=total,
