@@ -77,7 +77,6 @@ from .problem import (Bounds, HypergradientEstimator, InnerProblem, OuterLoss, T
 __all__ = ["HOAG", "HOAGState"]
 
 
-
 @dataclass
 class HOAGState(LoopState):
     """HOAG's state: ``loss``/``grad``/``gnorm`` at the accepted ``theta`` (``grad`` is ``None``

@@ -53,10 +53,10 @@ the term of ``ω`` that dominates; the loss bound is the dual-weighted residual 
 :class:`~bilevel.AdaptiveInexact` (a product of the two residuals) instead of the first-order
 ``‖∇ₓℓ‖ ε``; the early exit of the line search in step 2; box constraints via ``G``; the
 spectral first trial step of each search (every trial still passes the certified decrease test
-of step 2 before it is accepted, so the true loss still never increases). With the fixed factor the searches zig-zag across a
-narrow curved valley (a TV weight against a smoothing the loss hardly depends on): on the
-quickstart problem the authors' rule ended 1.9e-2 above the optimum at 100 iterations, the
-spectral one reaches it.
+of step 2 before it is accepted, so the true loss still never increases). With the fixed factor
+the searches zig-zag across a narrow curved valley (a TV weight against a smoothing the loss
+hardly depends on): on the quickstart problem the authors' rule ended 1.9e-2 above the optimum
+at 100 iterations, the spectral one reaches it and certifies it.
 
 Scale-free accuracies: ``ε₀ = eps_rel·R`` with ``R = max_b‖∇ₓΦ_b(x⁰)‖`` at the initial point,
 ``δ₀ = delta_rel·max_b‖(∇ₓℓ)_b‖`` at the first inner solution, and the floor

@@ -60,8 +60,8 @@ stays bounded, and the loop needs more iterations. The schedule stops at the con
 accuracy ``ε_c`` (see Stopping): a stop is claimed there, and below it an inner solver may need
 many times the iterations; an exhausted line search and a stale trial still tighten below it.
 After a trial that cost no inner or CG iteration (a stale evaluation) ``ε`` is multiplied by
-``tol_rate`` as well. Early iterations
-are cheap; accuracy is bought where the step test needs it.
+``tol_rate`` as well. Early iterations are cheap; accuracy is bought where the step test needs
+it.
 
 **Stopping** (``success=True`` is a checked claim; ``gtol`` is at least the accuracy floor of
 the working dtype, and ``1e-5`` when the upper loss is computed in float32, as by a float32 task
