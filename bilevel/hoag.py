@@ -29,7 +29,8 @@ Step lengths (``step_rule="spectral"``, the default): after an accepted step
     \\alpha = \\frac{\\langle s, y\\rangle}{\\langle y, y\\rangle}
     \\quad\\text{(kept within } [10^{-3}\\alpha_k, 10^{3}\\alpha_k]\\text{)},
 
-the inverse of a curvature of ℓ along the last step (``⟨s, y⟩ ≤ 0``: ``α ← grow·α``); a
+the inverse of a curvature of ℓ along the last step (``⟨s, y⟩ ≤ 0``: ``α ← grow·α``; entries
+a bound held, ``sᵢ = 0``, are left out of ``y``); a
 step that fails the decrease test is shortened to the minimiser of the quadratic through
 ``ℓ_k``, the slope ``−⟨g_k, s⟩`` and the trial loss, kept within ``[0.1, shrink]·α``. On a
 narrow curved valley (a weight against a smoothing that matters little) this follows the valley
