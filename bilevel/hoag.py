@@ -37,9 +37,11 @@ narrow curved valley (a weight against a smoothing that matters little) this fol
 instead of zig-zagging across it. ``step_rule="adaptive"`` is the fixed-factor rule of earlier
 versions: accepted, ``α ← grow·α`` (not right after a rejection); rejected, ``α ← shrink·α``.
 Any other failure of a trial (the inner solve: non-convergence, non-positive curvature,
-non-finite values) gives ``α ← shrink·α``. A test whose outcome lies within the size of the dual corrections
-("loss not resolved") tightens ``s`` instead and recomputes ``ℓ_k``, ``g_k`` at the tighter
-accuracy. On a quadratic, ``c₁ = ½`` accepts only ``α ≤ 1/h``: the iterates approach the
+non-finite values) gives ``α ← shrink·α``. A test whose outcome lies within the size of the
+dual corrections ("loss not resolved") tightens ``s`` instead and recomputes ``ℓ_k``, ``g_k`` at
+the tighter accuracy, down to the confirmation accuracy (below); there the gradients decide it
+by the trapezoid rule ``ℓ(θ⁺) − ℓ(θ_k) ≈ ½⟨g_k + g⁺, θ⁺ − θ_k⟩``, as a tighter accuracy would
+only confirm what the stop is claimed at. On a quadratic, ``c₁ = ½`` accepts only ``α ≤ 1/h``: the iterates approach the
 optimum monotonically and stay there. The first step is ``α₀ = 1/‖g₀‖`` (a move of length 1)
 unless ``step_size`` is given.
 
@@ -313,9 +315,10 @@ class HOAG(OuterLoop):
 
         ``"loss not resolved"`` (and a tighter ``tol_scale``) when the outcome is within the size
         of the corrections (``|ℓ̂⁺ − (ℓ̂_k − c₁⟨g, θ_k − θ⁺⟩)| < |⟨q, r⁺⟩| + |⟨q, r_k⟩|``), they are
-        not negligible against the predicted decrease, and the accuracy can still be tightened. When the predicted
-        decrease is below ``1600·eps·|ℓ|`` (``eps`` of the dtype the loss is computed in), the
-        decrease is measured by the trapezoid rule
+        not negligible against the predicted decrease, and ``eps`` is above the confirmation
+        accuracy. When the outcome is undecided at that accuracy, or the predicted decrease is
+        below ``1600·eps·|ℓ|`` (``eps`` of the dtype the loss is computed in), the decrease is
+        measured by the trapezoid rule
         ``ℓ(θ⁺) − ℓ(θ_k) ≈ ½⟨g_k + g⁺, θ⁺ − θ_k⟩`` (exact on quadratics) instead; ``g⁺`` is
         returned so an accepted point needs no second evaluation."""
         if not math.isfinite(f_trial):
@@ -328,12 +331,12 @@ class HOAG(OuterLoop):
         if st.q is None and sol.max_iterations == 0:  # no adjoint, and x did not move at all
             noise = math.inf
         margin = f_hat - (st.closs - predicted)  # ≤ 0: the test passes
-        floor = self._eps_floor(st, dtype)
-        if abs(margin) < noise and noise > 0.1 * predicted and eps > floor:  # undecided: resolve
+        undecided = abs(margin) < noise and noise > 0.1 * predicted
+        if undecided and eps > self._confirm_eps(st, dtype) * (1 + 1e-12):  # resolve: tighten
             st.tol_scale *= min(0.5, max(0.01, 0.25 * predicted / noise)) if noise < math.inf else 0.1
             return "loss not resolved", unc, None
         loss_eps = self._loss_eps  # precision of ℓ as computed (float32 nets)
-        if predicted > 1e2 * 16 * loss_eps * abs(st.loss):
+        if not undecided and predicted > 1e2 * 16 * loss_eps * abs(st.loss):
             ok = f_hat <= st.closs - predicted
             slope = predicted / self.c1
             st.trial_model = [f_hat - st.closs + slope, slope]
