@@ -103,11 +103,11 @@ def test_ridge_reaches_lambda_star_and_stops(convention):
     assert min(r["tol"] for r in res.history) >= 1e-2 * 1e-6 * (1 - 1e-9)
 
 
-@settings(max_examples=8, deadline=None, derandomize=True,
+@settings(max_examples=24, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(log_scale=st.sampled_from([-3.0, 0.0, 3.0]), convention=st.sampled_from(["mean", "sum"]),
        start=st.floats(-4.0, 4.0), bound=st.sampled_from([None, "active", "inactive"]),
-       method=st.sampled_from(["QuasiNewton", "HOAG"]), seed=st.integers(0, 100))
+       method=st.sampled_from(["QuasiNewton", "HOAG", "MAID"]), seed=st.integers(0, 100))
 def test_success_implies_the_optimum(log_scale, convention, start, bound, method, seed):
     """``success=True`` only where the closed-form loss is within 1e-6 (relative) of the best
     loss on the feasible set -- for data in other units, sums or means, active or inactive
@@ -129,7 +129,7 @@ def test_success_implies_the_optimum(log_scale, convention, start, bound, method
             return float(outer(inner.closed_form(math.exp(log_lam), batch), {}, batch))
 
     best = loss(max(log_star, lo))
-    loop = {"QuasiNewton": QuasiNewton, "HOAG": HOAG}[method]
+    loop = {"QuasiNewton": QuasiNewton, "HOAG": HOAG, "MAID": MAID}[method]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         res = loop(inner, outer, bounds=bounds).run({"lam": torch.tensor(start, dtype=DT)}, batch)
