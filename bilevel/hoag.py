@@ -41,8 +41,8 @@ non-finite values) gives ``α ← shrink·α``. A test whose outcome lies within
 dual corrections ("loss not resolved") tightens ``s`` instead and recomputes ``ℓ_k``, ``g_k`` at
 the tighter accuracy, down to the confirmation accuracy (below); there the gradients decide it
 by the trapezoid rule ``ℓ(θ⁺) − ℓ(θ_k) ≈ ½⟨g_k + g⁺, θ⁺ − θ_k⟩``, as a tighter accuracy would
-only confirm what the stop is claimed at. On a quadratic, ``c₁ = ½`` accepts only ``α ≤ 1/h``: the iterates approach the
-optimum monotonically and stay there. The first step is ``α₀ = 1/‖g₀‖`` (a move of length 1)
+only confirm what the stop is claimed at. On a quadratic, ``c₁ = ½`` accepts only
+``α ≤ 1/h``: the iterates approach the optimum monotonically and stay there. The first step is ``α₀ = 1/‖g₀‖`` (a move of length 1)
 unless ``step_size`` is given.
 
 Stopping (``success=True``, only after ``θ_k`` was re-evaluated at the confirmation accuracy
@@ -332,7 +332,7 @@ class HOAG(OuterLoop):
             noise = math.inf
         margin = f_hat - (st.closs - predicted)  # ≤ 0: the test passes
         undecided = abs(margin) < noise and noise > 0.1 * predicted
-        if undecided and eps > self._confirm_eps(st, dtype) * (1 + 1e-12):  # resolve: tighten
+        if undecided and not self._at_confirm_accuracy(st, eps):  # resolve: tighten
             st.tol_scale *= min(0.5, max(0.01, 0.25 * predicted / noise)) if noise < math.inf else 0.1
             return "loss not resolved", unc, None
         loss_eps = self._loss_eps  # precision of ℓ as computed (float32 nets)
@@ -460,6 +460,8 @@ class HOAG(OuterLoop):
             st.g0 = st.gnorm
         return st.message is None and self._at_confirm_accuracy(st) and st.grad_ok
 
-    def _at_confirm_accuracy(self, st: HOAGState) -> bool:
-        """Whether ``g_k`` was computed at (or below) the confirmation accuracy."""
-        return st.grad_eps <= self._confirm_eps(st, self._working_dtype(st)) * (1 + 1e-12)
+    def _at_confirm_accuracy(self, st: HOAGState, eps: Optional[float] = None) -> bool:
+        """Whether ``eps`` (default: the accuracy ``g_k`` was computed at) is at or below the
+        confirmation accuracy."""
+        eps = st.grad_eps if eps is None else eps
+        return eps <= self._confirm_eps(st, self._working_dtype(st)) * (1 + 1e-12)

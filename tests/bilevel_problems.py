@@ -182,3 +182,19 @@ def valley(condition: float = 1e3, dtype=torch.float64):
     batch = {"target": (A @ opt)[None].repeat(3, 1)}
     outer = QuadraticOuter(torch.zeros(2, dtype=dtype))  # ½ mean_b ‖x_b − b‖², no θ term
     return ShiftInner(A), outer, {"t": torch.zeros(2, dtype=dtype)}, batch, opt
+
+
+def small_quickstart(dtype=torch.float64):
+    """The quickstart problem at a smaller size: smoothed-TV denoising of four 32² patches
+    (σ = 0.1) for the MSE, θ₀ = (−5, −3), ``log_smoothing`` in [−12, 2]; returns
+    ``(inner, outer, θ₀, batch, bounds)``."""
+    from bilevel import Bounds
+    from recon.data.natural_images import denoising_batch
+    from recon.losses import MSEToTarget
+    from recon.problems import TVDenoising
+
+    batch = denoising_batch(4, 32, 0.1, seed=0, dtype=dtype)
+    theta0 = {"log_weight": torch.tensor(-5.0, dtype=dtype),
+              "log_smoothing": torch.tensor(-3.0, dtype=dtype)}
+    bounds = Bounds(lower={"log_smoothing": -12.0}, upper={"log_smoothing": 2.0})
+    return TVDenoising(), MSEToTarget(), theta0, batch, bounds

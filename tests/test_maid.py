@@ -308,14 +308,11 @@ def test_spectral_steps_certify_the_quickstart_optimum_that_fixed_factors_crawl_
     Barzilai–Borwein lengths MAID certifies stationarity within 30 iterations, 1e-10 from the
     quasi-Newton optimum; the authors' grow/shrink factors are still ~3e-2 away after 60."""
     from bilevel import QuasiNewton
-    from recon.data.natural_images import denoising_batch
+    from bilevel_problems import small_quickstart
 
-    DT = torch.float64
-    batch = denoising_batch(4, 32, 0.1, seed=0, dtype=DT)
-    theta0 = {"log_weight": torch.tensor(-5.0, dtype=DT), "log_smoothing": torch.tensor(-3.0, dtype=DT)}
-    bounds = Bounds(lower={"log_smoothing": -12.0}, upper={"log_smoothing": 2.0})
-    best = QuasiNewton(TVDenoising(), MSEToTarget(), bounds=bounds).run(theta0, batch).upper_loss
-    runs = {rule: MAID(TVDenoising(), MSEToTarget(), bounds=bounds, step_rule=rule,
+    inner, outer, theta0, batch, bounds = small_quickstart()
+    best = QuasiNewton(inner, outer, bounds=bounds).run(theta0, batch).upper_loss
+    runs = {rule: MAID(inner, outer, bounds=bounds, step_rule=rule,
                        max_iter=max_iter).run(dict(theta0), batch)
             for rule, max_iter in (("spectral", 30), ("adaptive", 60))}
     fast, slow = runs["spectral"], runs["adaptive"]

@@ -236,17 +236,13 @@ def test_a_singular_hessian_ends_the_run_with_a_result(loop):
 
 def test_quickstart_problem_converges_by_itself():
     """The quickstart's problem at a smaller size: success, at a bound, in few iterations."""
-    from recon.data.natural_images import denoising_batch
-    from recon.losses import MSEToTarget
-    from recon.problems import TVDenoising
+    from bilevel_problems import small_quickstart
 
-    batch = denoising_batch(4, 32, 0.1, seed=0, dtype=DT)
-    theta0 = {"log_weight": torch.tensor(-5.0, dtype=DT), "log_smoothing": torch.tensor(-3.0, dtype=DT)}
-    bounds = Bounds(lower={"log_smoothing": -12.0}, upper={"log_smoothing": 2.0})
-    res = QuasiNewton(TVDenoising(), MSEToTarget(), bounds=bounds).run(theta0, batch)
+    inner, outer, theta0, batch, bounds = small_quickstart(DT)
+    res = QuasiNewton(inner, outer, bounds=bounds).run(theta0, batch)
     assert res.success, res.message
     assert res.n_iter <= 40
-    hoag = HOAG(TVDenoising(), MSEToTarget(), bounds=bounds, max_iter=40).run(theta0, batch)
+    hoag = HOAG(inner, outer, bounds=bounds, max_iter=40).run(theta0, batch)
     assert res.upper_loss <= hoag.upper_loss + 1e-12
 
 
