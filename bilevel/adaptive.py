@@ -68,7 +68,7 @@ from torch import Tensor
 from . import distributed as dist_
 from .hypergrad import outer_gradients
 from .implicit import implicit_vjp, relative_cg_tolerance
-from .linalg import HessianOperator, batch_norm
+from .linalg import HessianOperator, batch_norm, cg_iteration_cap, check_cg_cap
 from .problem import (ErrorBound, Hypergradient, HypergradientEstimator, InnerProblem, OuterLoss,
                       Theta, check_tolerance)
 
@@ -216,14 +216,15 @@ class AdaptiveInexact(HypergradientEstimator):
     lipschitz: fixed constants by name (``"outer_x"`` = ``L_ℓ``, ``"outer_theta"`` = ``L_{ℓθ}``,
         ``"hessian"`` = ``L_A``, ``"mixed"`` = ``L_B``); the others are estimated.
     safety: factor ``≥ 1`` applied to estimated constants.
-    max_iter, rtol, warm_start, hessian: as for :class:`~bilevel.ImplicitCG`.
+    max_iter, rtol, warm_start, hessian: as for :class:`~bilevel.ImplicitCG` (``max_iter=None``:
+        ``max(500, n)``).
     max_exact_dim: largest ``d = Σ numel(θ_k)`` for which ``‖B‖`` is computed exactly.
     probe_every: refresh the Lipschitz estimates at every ``probe_every``-th bound (always at
         the first); larger values save three products per skipped probe.
     """
 
     def __init__(self, mu: MuSpec = None, lipschitz: Optional[Mapping[str, float]] = None,
-                 safety: float = 2.0, max_iter: int = 500, rtol: float = 0.0,
+                 safety: float = 2.0, max_iter: Optional[int] = None, rtol: float = 0.0,
                  warm_start: bool = True, hessian: str = "auto", max_exact_dim: int = 64,
                  probe_every: int = 5):
         if mu is not None and not callable(mu):
@@ -243,8 +244,7 @@ class AdaptiveInexact(HypergradientEstimator):
         if not (math.isfinite(safety_f) and safety_f >= 1.0):
             raise ValueError(f"safety must be a finite number ≥ 1, got {safety!r}")
         self.safety = safety_f
-        if not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+        check_cg_cap(max_iter)
         if hessian not in ("auto", "autograd", "closed"):
             raise ValueError(f"hessian must be 'auto', 'autograd' or 'closed', got {hessian!r}")
         if not isinstance(max_exact_dim, int) or max_exact_dim < 1:
@@ -394,7 +394,7 @@ class AdaptiveInexact(HypergradientEstimator):
         H = HessianOperator(inner, x, theta, batch, mode=self.hessian)
         abs_tol = relative_cg_tolerance(gx, tol) if relative else tol
         res = implicit_vjp(H.hvp, H.mixed_vjp, gx, gth, abs_tol, q0=self._warm(gx),
-                           max_iter=self.max_iter, rtol=self.rtol)
+                           max_iter=cg_iteration_cap(self.max_iter, gx, 500), rtol=self.rtol)
         q, cg = res.q, res.cg
         self._q = q
         mixed = res.mixed

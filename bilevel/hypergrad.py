@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import distributed as dist_
 from .implicit import implicit_vjp, relative_cg_tolerance
-from .linalg import HessianOperator
+from .linalg import HessianOperator, cg_iteration_cap, check_cg_cap
 from .problem import (Hypergradient, HypergradientEstimator, InnerProblem, OuterLoss, Theta,
                       check_tolerance)
 
@@ -66,7 +66,9 @@ class ImplicitCG(HypergradientEstimator):
 
     Parameters
     ----------
-    max_iter: CG iteration cap (hitting it is reported as ``cg_converged=False``).
+    max_iter: CG iteration cap (hitting it is reported as ``cg_converged=False``); ``None``
+        (default): ``max(200, n)``, ``n`` the per-sample dimension of ``x``
+        (:func:`bilevel.linalg.cg_iteration_cap`).
     rtol: relative residual tolerance (0: absolute only).
     warm_start: start CG from the previous call's ``q`` (when the shapes match).
     hessian: ``"auto"`` (closed-form products of the problem when it has them, else autograd
@@ -82,11 +84,9 @@ class ImplicitCG(HypergradientEstimator):
     >>> hg.loss, hg.theta_grad, hg.cg_iterations, hg.cg_converged
     """
 
-    def __init__(self, max_iter: int = 200, rtol: float = 0.0, warm_start: bool = True,
+    def __init__(self, max_iter: Optional[int] = None, rtol: float = 0.0, warm_start: bool = True,
                  hessian: str = "auto"):
-        if not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
-        self.max_iter = max_iter
+        self.max_iter = check_cg_cap(max_iter)
         self.rtol = check_tolerance("rtol", rtol, allow_zero=True)
         self.warm_start = warm_start
         self.hessian = hessian
@@ -103,7 +103,7 @@ class ImplicitCG(HypergradientEstimator):
         H = HessianOperator(inner, x, theta, batch, mode=self.hessian)
         abs_tol = relative_cg_tolerance(gx, tol) if relative else tol
         res = implicit_vjp(H.hvp, H.mixed_vjp, gx, gth, abs_tol, q0=self._warm(gx),
-                           max_iter=self.max_iter, rtol=self.rtol)
+                           max_iter=cg_iteration_cap(self.max_iter, gx, 200), rtol=self.rtol)
         self._q = res.q
         cg = res.cg
         hg = Hypergradient(loss=float(loss), theta_grad=res.grad, param_grads=gp,

@@ -5,12 +5,12 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from bilevel import ImplicitCG, Unrolled, solve_inner
+from bilevel import AdaptiveInexact, ImplicitCG, Unrolled, solve_inner
 from bilevel.linalg import HessianOperator
 from recon.losses import MSEToTarget
 from recon.problems import TVDenoising
 
-from bilevel_problems import random_quadratic
+from bilevel_problems import QuadraticInner, QuadraticOuter, random_quadratic
 
 DT = torch.float64
 
@@ -153,3 +153,38 @@ def test_implicit_cg_agrees_with_torchopt_custom_root():
     g_lw, g_ls = torch.autograd.grad(loss, (lw, ls))
     assert math.isclose(float(g_lw), float(ours.theta_grad["log_weight"]), rel_tol=1e-7)
     assert math.isclose(float(g_ls), float(ours.theta_grad["log_smoothing"]), rel_tol=1e-7)
+
+
+def _ill_conditioned_quadratic(n=400, condition=1e3, seed=0):
+    """A quadratic inner problem whose CG needs more than 200 but fewer than ``n`` steps."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))
+    M0 = (Q * torch.logspace(0, math.log10(condition), n, dtype=DT)) @ Q.T
+    inner = QuadraticInner(M0, 0.01 * torch.eye(n, dtype=DT).expand(2, n, n).clone(),
+                           torch.randn(n, 2, generator=g, dtype=DT))
+    batch = {"c": torch.randn(2, n, generator=g, dtype=DT),
+             "target": torch.randn(2, n, generator=g, dtype=DT)}
+    return inner, QuadraticOuter(torch.zeros(2, dtype=DT)), {"t": torch.zeros(2, dtype=DT)}, batch
+
+
+@pytest.mark.parametrize("estimator", [ImplicitCG, AdaptiveInexact])
+def test_default_cg_cap_grows_with_the_problem(estimator):
+    """The default cap is max(minimum, n): a 400-dimensional system that needs ~330 CG steps
+    converges to the exact hypergradient, where a fixed cap of 200 stops short."""
+    inner, outer, theta, batch = _ill_conditioned_quadratic()
+    x = inner.closed_form(theta["t"], batch)
+    t = theta["t"].clone().requires_grad_(True)
+    (exact,) = torch.autograd.grad(outer(inner.closed_form(t, batch), {"t": t}, batch), t)
+    kwargs = {"mu": 1.0} if estimator is AdaptiveInexact else {}
+    capped = ImplicitCG(max_iter=200)(inner, outer, theta, batch, x, tol=1e-10, relative=True)
+    assert not capped.cg_converged and capped.cg_iterations == 200
+    hg = estimator(**kwargs)(inner, outer, theta, batch, x, tol=1e-10, relative=True)
+    assert hg.cg_converged and 200 < hg.cg_iterations <= 400 + 10
+    assert _rel(hg.theta_grad["t"], exact) <= 1e-7
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_cg_cap_is_checked(bad):
+    for estimator in (ImplicitCG, AdaptiveInexact):
+        with pytest.raises(ValueError, match=r"max_iter must be a positive int or None, got"):
+            estimator(max_iter=bad)
